@@ -1,0 +1,23 @@
+# Adversarial Alignment, regenerated: stimuli -> training -> attacks -> statistics -> figures.
+# The default config is the embedded synthetic benchmark; run the paper with
+#   snakemake --profile slurm --configfile config/paper.yaml
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/stimuli.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/attack.smk"
+include: "workflow/rules/stats.smk"
+include: "workflow/rules/figures.smk"
+
+
+rule all:
+    input:
+        all_outputs(),
+    default_target: True

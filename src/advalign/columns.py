@@ -1,0 +1,120 @@
+"""The one place where the files passed between pipeline stages are described.
+
+Every stage reads and writes through these names, so a column renamed here is
+renamed everywhere. Paths are relative to the working directory of the
+workflow (the repository root).
+
+Stage files
+-----------
+``results/data/{split}.npz``  (split in SPLITS)
+    images   uint8   [N, H, W, 3]  RGB, 0..255
+    labels   int64   [N]           class index
+    maps     float32 [N, H, W]     human feature-importance map, max-normalised to [0, 1]
+                                    (all zeros where has_map is False)
+    has_map  bool    [N]
+    ids      str     [N]           unique image id, e.g. ``stim_00003``
+``results/data/classes.csv``           CLASS_COLUMNS
+``results/data/stimuli_manifest.csv``  MANIFEST_COLUMNS (one row per stimulus)
+
+``results/models/{model}/weights.pt``   torch.save({"state_dict", "meta"}) of a trained model
+``results/models/{model}/metrics.json`` TRAIN_METRICS_KEYS
+``results/models/{model}/history.csv``  HISTORY_COLUMNS (one row per epoch)
+
+``results/attacks/{attack}/{model}.parquet``  ATTACK_COLUMNS, one row per stimulus
+``results/attacks/{attack}/{model}.npz``      EXAMPLE_ARRAYS: perturbations kept for figures
+
+``results/stats/model_attack_table.csv``  MODEL_ATTACK_COLUMNS, one row per model x attack
+``results/stats/tests.json``              list of TEST_KEYS dicts (every SPEC §5 test)
+``results/tables/claims.{csv,md}``        CLAIM_COLUMNS
+``results/tables/table_s1.{csv,md}``      TABLE_S1_COLUMNS
+``results/tables/table_s2.{csv,md}``      TABLE_S2_COLUMNS
+``figures/{fig}.{png,pdf}``               fig in FIGURES
+"""
+
+SPLITS = ("train", "heldout", "stimuli")
+ATTACKS = ("pgd_l2", "pgd_linf", "cw_l2")
+ARCH_CLASSES = ("CNN", "ViT", "hybrid")
+TRAINING_KINDS = ("standard", "harmonized", "control", "robust")
+FIGURES = ("fig2", "fig3", "fig4", "fig5", "figS1", "figS2", "figS3", "figS4", "figS5")
+
+SPLIT_ARRAYS = ("images", "labels", "maps", "has_map", "ids")
+CLASS_COLUMNS = ("class_index", "class_name", "animate")
+MANIFEST_COLUMNS = ("image_id", "class_index", "class_name", "animate", "source")
+
+# The zoo: one row per model the attack stage sees (base models from the zoo
+# table, derived models -- harmonized, control, robust -- from config).
+ZOO_COLUMNS = (
+    "model",  # unique, file-name safe id used as the {model} wildcard
+    "timm_name",  # timm architecture (paper mode: with pretrained tag)
+    "timm_kwargs",  # JSON dict passed to timm.create_model (demo: small configs)
+    "arch_class",  # CNN | ViT | hybrid
+    "family",  # Table S1 family, e.g. ResNet, ConvNeXt, DeiT
+    "training",  # standard | harmonized | control | robust
+    "base_model",  # the model a derived model starts from ('' for standard)
+    "harmonizer_lambda",  # harmonized only
+    "robust_eps",  # robust only (l_inf, pixel scale [0, 1])
+    "top1",  # published ImageNet top-1 (paper mode); NaN where the pipeline measures it
+    "top1_source",
+)
+
+TRAIN_METRICS_KEYS = (
+    "model",
+    "training",
+    "heldout_accuracy",  # fraction in [0, 1] on results/data/heldout.npz
+    "n_heldout",
+    "epochs",
+    "train_seconds",
+    "final_train_loss",
+    "seed",
+)
+HISTORY_COLUMNS = ("epoch", "train_loss", "train_ce", "train_harmonizer", "train_accuracy", "lr", "seconds")
+
+ATTACK_COLUMNS = (
+    "image_id",
+    "label",
+    "clean_pred",
+    "attacked",  # clean prediction correct -> attacked; otherwise no attack
+    "success",  # attacked and fooled within the search's upper bound
+    "adv_pred",
+    "epsilon",  # smallest successful epsilon (NaN if not success)
+    "l2",  # ||x_adv - x||_2 in [0,1] pixel units at the model's input size
+    "linf",  # ||x_adv - x||_inf
+    "alignment",  # Spearman rho(|mean_c(x_adv - x)|, human map); NaN if not success
+    "grad_evals",  # forward+backward passes spent on this image
+    "model",
+    "attack",
+    "precision",  # fp32 | bf16 | tf32
+)
+EXAMPLE_ARRAYS = (
+    "image_ids",  # str [K]
+    "perturbations",  # float16 [K, H, W, 3]: x_adv - x, zeros where no success
+    "images",  # uint8 [K, H, W, 3]: the clean input at the model's resolution
+    "maps",  # float32 [K, H, W]: the human map after the same spatial transform
+    "success",  # bool [K]
+)
+
+MODEL_ATTACK_COLUMNS = (
+    "model",
+    "attack",
+    "arch_class",
+    "family",
+    "training",
+    "base_model",
+    "harmonizer_lambda",
+    "robust_eps",
+    "accuracy",  # percent; held-out accuracy (demo) or ImageNet top-1 (paper)
+    "tolerance",  # mean l2 of the minimal successful attack (linf for pgd_linf)
+    "tolerance_se",
+    "tolerance_l2",  # mean l2 of the minimal successful attack, every attack
+    "tolerance_l2_se",
+    "alignment",
+    "alignment_se",
+    "n_stimuli",
+    "n_attacked",
+    "n_success",
+    "n_failed",  # attacked but never fooled at the upper bound
+)
+TEST_KEYS = ("name", "test", "statistic", "df", "p_value", "n", "detail")
+CLAIM_COLUMNS = ("claim", "source", "paper_value", "recomputed_value", "recomputed_p", "n", "agrees")
+TABLE_S1_COLUMNS = ("arch_class", "family", "count")
+TABLE_S2_COLUMNS = ("model", "base_model", "harmonizer_lambda", "accuracy", "control_accuracy", "alignment", "base_alignment")

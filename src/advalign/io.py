@@ -1,0 +1,92 @@
+"""Atomic file output and the one-line error type every stage raises on bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class PipelineError(Exception):
+    """Bad input or an unmet precondition; printed as a single line, never a traceback."""
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None):
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
+
+    A killed or failing writer therefore never leaves a file that looks complete.
+    ``suffix`` keeps an extension some writers insist on (np.savez appends '.npz').
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = suffix if suffix is not None else "".join(path.suffixes)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(obj, path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(value):
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def write_table(df, path) -> None:
+    """Write a DataFrame as Parquet or CSV (by extension), atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        if path.suffix == ".parquet":
+            df.to_parquet(tmp, index=False)
+        elif path.suffix == ".csv":
+            df.to_csv(tmp, index=False)
+        else:
+            raise PipelineError(f"{path}: unsupported table extension (expected .parquet or .csv)")
+
+
+def write_text(text: str, path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def save_npz(path, **arrays) -> None:
+    import numpy as np
+
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez_compressed(tmp, **arrays)
+
+
+def torch_save(obj, path) -> None:
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def require_file(path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: {what} not found")
+    return path
+
+
+def read_json(path):
+    path = require_file(path, "JSON file")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise PipelineError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None

@@ -1,0 +1,65 @@
+"""Glue between a Snakemake ``script:`` and the package: logging, seeds, one-line errors."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from .io import PipelineError
+
+log = logging.getLogger("advalign")
+
+
+def configure_logging(stream=None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+def set_threads(n: int | None) -> None:
+    """Pin BLAS/torch threads so parallel Snakemake jobs do not oversubscribe the cores."""
+    if not n:
+        return
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    try:
+        import torch
+
+        torch.set_num_threads(n)
+        with contextlib.suppress(RuntimeError):
+            torch.set_num_interop_threads(max(1, min(n, 2)))
+    except ImportError:
+        pass
+
+
+def run(snakemake, main) -> None:
+    """Run ``main(snakemake)`` with stdout/stderr (tqdm included) sent to the rule's log.
+
+    A PipelineError becomes one line in the log and on the terminal, and exit 1.
+    """
+    log_path = Path(snakemake.log[0]) if len(snakemake.log) else None
+    real_stderr = sys.stderr
+    sink = open(log_path, "w", buffering=1) if log_path else None
+    try:
+        with contextlib.ExitStack() as stack:
+            if sink is not None:
+                stack.enter_context(contextlib.redirect_stdout(sink))
+                stack.enter_context(contextlib.redirect_stderr(sink))
+            configure_logging(sys.stderr)
+            set_threads(getattr(snakemake, "threads", None))
+            started = time.time()
+            try:
+                main(snakemake)
+            except PipelineError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                print(f"error: {exc}", file=real_stderr)
+                raise SystemExit(1) from None
+            log.info("done in %.1f s", time.time() - started)
+    finally:
+        if sink is not None:
+            sink.close()

@@ -1,0 +1,99 @@
+"""The model zoo: base models from a CSV table plus the derived (harmonized, control,
+robust) models declared in config. One DataFrame with ``columns.ZOO_COLUMNS``."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from .columns import ARCH_CLASSES, TRAINING_KINDS, ZOO_COLUMNS
+from .io import PipelineError
+
+_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
+REQUIRED_TABLE_COLUMNS = ("model", "timm_name", "arch_class", "family")
+
+
+def read_zoo_table(path: str | Path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: zoo table not found")
+    table = pd.read_csv(path, dtype=str, keep_default_na=False, comment="#")
+    missing = [c for c in REQUIRED_TABLE_COLUMNS if c not in table.columns]
+    if missing:
+        raise PipelineError(f"{path}: missing column(s) {', '.join(missing)} (expected {', '.join(ZOO_COLUMNS)})")
+    unknown = [c for c in table.columns if c not in ZOO_COLUMNS]
+    if unknown:
+        raise PipelineError(f"{path}: unknown column(s) {', '.join(unknown)} (expected {', '.join(ZOO_COLUMNS)})")
+    for column in ZOO_COLUMNS:
+        if column not in table.columns:
+            table[column] = ""
+    table["training"] = table["training"].replace("", "standard")
+    for i, row in table.iterrows():
+        where = f"{path}: row {i + 2} ({row['model'] or '?'})"
+        if not _ID.match(row["model"]):
+            raise PipelineError(f"{where}: model id must match {_ID.pattern}")
+        if row["arch_class"] not in ARCH_CLASSES:
+            raise PipelineError(f"{where}: arch_class {row['arch_class']!r} is not one of {', '.join(ARCH_CLASSES)}")
+        if row["training"] not in TRAINING_KINDS:
+            raise PipelineError(f"{where}: training {row['training']!r} is not one of {', '.join(TRAINING_KINDS)}")
+        try:
+            kwargs = json.loads(row["timm_kwargs"] or "{}")
+        except json.JSONDecodeError:
+            raise PipelineError(f"{where}: timm_kwargs is not a JSON object: {row['timm_kwargs']!r}") from None
+        if not isinstance(kwargs, dict):
+            raise PipelineError(f"{where}: timm_kwargs must be a JSON object")
+    return table
+
+
+def _as_float(value) -> float:
+    if value in ("", None):
+        return math.nan
+    return float(value)
+
+
+def load_zoo(config: dict) -> pd.DataFrame:
+    """All models the pipeline attacks, base and derived, in a stable order."""
+    base = read_zoo_table(config["zoo"]["table"])
+    rows = base.to_dict("records")
+    known = {r["model"]: r for r in rows}
+    for i, spec in enumerate(config["zoo"].get("derived", [])):
+        where = f"config zoo.derived[{i}] ({spec['model']})"
+        parent = known.get(spec["base_model"])
+        if parent is None:
+            raise PipelineError(f"{where}: base_model {spec['base_model']!r} is not in {config['zoo']['table']}")
+        if spec["model"] in known:
+            raise PipelineError(f"{where}: model id already used")
+        row = dict(parent)
+        row.update(
+            model=spec["model"],
+            training=spec["training"],
+            base_model=spec["base_model"],
+            harmonizer_lambda=spec.get("harmonizer_lambda", ""),
+            robust_eps=spec.get("robust_eps", ""),
+            top1="",
+            top1_source="",
+        )
+        rows.append(row)
+        known[row["model"]] = row
+    zoo = pd.DataFrame(rows, columns=list(ZOO_COLUMNS))
+    for column in ("harmonizer_lambda", "robust_eps", "top1"):
+        zoo[column] = zoo[column].map(_as_float)
+    if zoo["model"].duplicated().any():
+        dup = zoo.loc[zoo["model"].duplicated(), "model"].iloc[0]
+        raise PipelineError(f"{config['zoo']['table']}: model id {dup!r} appears twice")
+    return zoo.reset_index(drop=True)
+
+
+def timm_kwargs(row) -> dict:
+    return json.loads(row["timm_kwargs"] or "{}")
+
+
+def derived_spec(config: dict, model: str) -> dict:
+    for spec in config["zoo"].get("derived", []):
+        if spec["model"] == model:
+            return spec
+    raise KeyError(model)

@@ -1,0 +1,130 @@
+# Shared by every rule file: config validation, the zoo, and the functions that
+# turn the zoo into per-model / per-attack jobs. Everything a job depends on is
+# passed through input: or params:, so a change reruns only the jobs it touches.
+import json
+
+import pandas as pd
+
+from advalign.config import validate_config
+from advalign.io import PipelineError
+from advalign.zoo import derived_spec, load_zoo
+from advalign.columns import ATTACKS, FIGURES
+
+
+try:
+    _validated = validate_config(config, source="config")
+    config.clear()
+    config.update(_validated)
+    ZOO = load_zoo(config)
+except PipelineError as exc:
+    raise WorkflowError(str(exc)) from None
+
+MODELS = list(ZOO["model"])
+ZOO_ROWS = {row["model"]: row for row in ZOO.to_dict("records")}
+SYNTHETIC = config["data"]["kind"] == "synthetic"
+
+
+wildcard_constraints:
+    model="|".join(map(re.escape, MODELS)) if MODELS else "NO_MODELS",
+    attack="|".join(ATTACKS),
+
+
+def model_row(model):
+    """The zoo row of a model as plain JSON-able values (NaN -> None)."""
+    row = ZOO_ROWS[model]
+    return {k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}
+
+
+def is_trained(model):
+    """Models the pipeline trains: every model on synthetic data, derived ones on the paper config."""
+    return SYNTHETIC or ZOO_ROWS[model]["training"] != "standard"
+
+
+def model_weights(model):
+    if is_trained(model):
+        return f"results/models/{model}/weights.pt"
+    return f"{config['data']['paper'].get('weights_cache', 'weights')}/{model}.pth"
+
+
+def trained_models():
+    return [m for m in MODELS if is_trained(m)]
+
+
+def attack_models(attack):
+    """Models an attack is run on: every model, except CW on a CNN/ViT subset (SPEC §3)."""
+    if attack not in config["attacks"]["enabled"]:
+        return []
+    if attack != "cw_l2":
+        return list(MODELS)
+    cw = config["attacks"]["cw_l2"]
+    chosen = []
+    for arch_class, n in (("CNN", cw["n_cnn"]), ("ViT", cw["n_vit"])):
+        pool = [m for m in MODELS if ZOO_ROWS[m]["arch_class"] == arch_class]
+        chosen += pool[:n]
+    return [m for m in MODELS if m in chosen]
+
+
+def attack_outputs(kind="parquet"):
+    return [
+        f"results/attacks/{attack}/{model}.{kind}"
+        for attack in ATTACKS
+        for model in attack_models(attack)
+    ]
+
+
+def attack_params(wildcards):
+    """Everything one model x attack job depends on, and nothing else."""
+    attacks = config["attacks"]
+    spec = dict(attacks[wildcards.attack])
+    spec.update(attacks["overrides"].get(wildcards.model, {}).get(wildcards.attack, {}))
+    return {
+        "attack": wildcards.attack,
+        "spec": spec,
+        "model": model_row(wildcards.model),
+        "batch_size": attacks["batch_size"],
+        "chunk_size": attacks["chunk_size"],
+        "keep_examples": attacks["keep_examples"],
+        "precision": attacks["precision"],
+        "device": config["device"],
+        "seed": config["seed"],
+    }
+
+
+def training_params(wildcards):
+    """The training recipe of one model: its zoo row, shared hyperparameters, its own overrides."""
+    row = model_row(wildcards.model)
+    recipe = dict(config["training"])
+    if row["training"] != "standard":
+        spec = derived_spec(config, wildcards.model)
+        recipe["epochs"] = spec.get("epochs", recipe["finetune_epochs"])
+        recipe["lr"] = recipe["finetune_lr"]
+        if row["training"] == "harmonized" and row["harmonizer_lambda"] is None:
+            row["harmonizer_lambda"] = recipe["harmonizer"]["default_lambda"]
+    return {"model": row, "recipe": recipe, "device": config["device"], "seed": config["seed"]}
+
+
+def training_inputs(wildcards):
+    inputs = {
+        "train": "results/data/train.npz",
+        "heldout": "results/data/heldout.npz",
+    }
+    base = ZOO_ROWS[wildcards.model]["base_model"]
+    if ZOO_ROWS[wildcards.model]["training"] != "standard" and base:
+        inputs["base_weights"] = model_weights(base)
+    return inputs
+
+
+def figure_outputs():
+    return expand("figures/{fig}.{ext}", fig=FIGURES, ext=("png", "pdf"))
+
+
+def table_outputs():
+    return expand(
+        "results/tables/{table}.{ext}",
+        table=("table_s1", "table_s2", "claims"),
+        ext=("csv", "md"),
+    )
+
+
+def all_outputs():
+    return figure_outputs() + table_outputs() + ["results/stats/model_attack_table.csv"]

@@ -1,0 +1,68 @@
+# One rule per figure. Scatter figures read only the per-model table, so a
+# style change re-plots one figure and never re-trains or re-attacks.
+
+SCATTER_FIGURES = ("fig2", "fig3", "fig4", "figS3", "figS4", "figS5")
+QUALITATIVE_FIGURES = ("fig5", "figS1", "figS2")
+
+
+def figure_style(fig):
+    figures = config["figures"]
+    return {
+        "dpi": figures["dpi"],
+        "font_size": figures["font_size"],
+        **figures["style"].get(fig, {}),
+    }
+
+
+for fig in SCATTER_FIGURES:
+
+    rule:
+        name:
+            f"figure_{fig}"
+        input:
+            table="results/stats/model_attack_table.csv",
+        output:
+            png=report(
+                f"figures/{fig}.png",
+                caption=f"../report/{fig}.rst",
+                category="Figures",
+            ),
+            pdf=f"figures/{fig}.pdf",
+        params:
+            figure=fig,
+            style=figure_style(fig),
+        log:
+            f"logs/figures/{fig}.log",
+        conda:
+            "../../envs/plotting.yaml"
+        script:
+            "../scripts/scatter_figure.py"
+
+
+for fig in QUALITATIVE_FIGURES:
+
+    rule:
+        name:
+            f"figure_{fig}"
+        input:
+            table="results/stats/model_attack_table.csv",
+            classes="results/data/classes.csv",
+            examples=[f"results/attacks/pgd_l2/{m}.npz" for m in attack_models("pgd_l2")],
+        output:
+            png=report(
+                f"figures/{fig}.png",
+                caption=f"../report/{fig}.rst",
+                category="Figures",
+            ),
+            pdf=f"figures/{fig}.pdf",
+        params:
+            figure=fig,
+            style=figure_style(fig),
+            n_images=config["figures"]["qualitative_images"],
+            n_models=config["figures"]["qualitative_models"],
+        log:
+            f"logs/figures/{fig}.log",
+        conda:
+            "../../envs/plotting.yaml"
+        script:
+            "../scripts/qualitative_figure.py"

@@ -1,0 +1,94 @@
+# Per-model statistics, the tests of SPEC §5, the claims table and Tables S1-S2.
+
+
+def model_metrics():
+    return [f"results/models/{m}/metrics.json" for m in trained_models()]
+
+
+rule model_table:
+    input:
+        attacks=attack_outputs("parquet"),
+        metrics=model_metrics(),
+    output:
+        report(
+            "results/stats/model_attack_table.csv",
+            caption="../report/model_table.rst",
+            category="Tables",
+        ),
+    params:
+        zoo=[model_row(m) for m in MODELS],
+    log:
+        "logs/stats/model_table.log",
+    conda:
+        "../../envs/plotting.yaml"
+    script:
+        "../scripts/model_table.py"
+
+
+rule statistical_tests:
+    input:
+        table="results/stats/model_attack_table.csv",
+        attacks=attack_outputs("parquet"),
+    output:
+        "results/stats/tests.json",
+    log:
+        "logs/stats/statistical_tests.log",
+    conda:
+        "../../envs/plotting.yaml"
+    script:
+        "../scripts/statistical_tests.py"
+
+
+rule claims:
+    input:
+        tests="results/stats/tests.json",
+        table="results/stats/model_attack_table.csv",
+    output:
+        csv=report(
+            "results/tables/claims.csv",
+            caption="../report/claims.rst",
+            category="Tables",
+        ),
+        md="results/tables/claims.md",
+    log:
+        "logs/stats/claims.log",
+    conda:
+        "../../envs/plotting.yaml"
+    script:
+        "../scripts/claims.py"
+
+
+rule table_s1:
+    input:
+        table="results/stats/model_attack_table.csv",
+    output:
+        csv=report(
+            "results/tables/table_s1.csv",
+            caption="../report/table_s1.rst",
+            category="Tables",
+        ),
+        md="results/tables/table_s1.md",
+    log:
+        "logs/stats/table_s1.log",
+    conda:
+        "../../envs/plotting.yaml"
+    script:
+        "../scripts/table_s1.py"
+
+
+rule table_s2:
+    input:
+        table="results/stats/model_attack_table.csv",
+    output:
+        csv=report(
+            "results/tables/table_s2.csv",
+            caption="../report/table_s2.rst",
+            category="Tables",
+        ),
+        md="results/tables/table_s2.md",
+    log:
+        "logs/stats/table_s2.log",
+    conda:
+        "../../envs/plotting.yaml"
+    script:
+        "../scripts/table_s2.py"

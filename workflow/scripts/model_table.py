@@ -1,0 +1,13 @@
+"""Snakemake script: the per-model x attack statistics table."""
+
+from advalign.io import write_table
+from advalign.stage import run
+from advalign.stats import build_model_table
+
+
+def main(smk):
+    table = build_model_table(smk.params.zoo, attack_paths=list(smk.input.attacks), metrics_paths=list(smk.input.metrics))
+    write_table(table, smk.output[0])
+
+
+run(snakemake, main)  # noqa: F821

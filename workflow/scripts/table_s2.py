@@ -1,0 +1,13 @@
+"""Snakemake script: Table S2, the harmonized models."""
+
+import pandas as pd
+
+from advalign.stage import run
+from advalign.tables import table_s2, write_table_pair
+
+
+def main(smk):
+    write_table_pair(table_s2(pd.read_csv(smk.input.table)), smk.output.csv, smk.output.md, title="Table S2: harmonized models")
+
+
+run(snakemake, main)  # noqa: F821
