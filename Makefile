@@ -1,0 +1,36 @@
+# Two commands for a new user on a fresh machine with Python 3.11:
+#   make demo   create .venv, install everything, run the whole DAG on the embedded default
+#   make test   the same set-up, then the test suite (unit tests, workflow runs, SLURM, reruns)
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+CORES  ?= 2
+
+.PHONY: env demo test report lint clean
+
+env: $(STAMP)
+
+# torch and torchvision are pinned together in pyproject.toml and come from the
+# same index: a CPU-only torch with PyPI's CUDA torchvision fails at import.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/python -c "import torch, torchvision, timm, snakemake; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__, 'snakemake', snakemake.__version__)"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES)
+
+test: $(STAMP)
+	$(BIN)/pytest
+
+report: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES) --report report.html
+
+lint: $(STAMP)
+	$(BIN)/snakemake --lint
+	$(BIN)/snakefmt --check .
+
+clean:
+	rm -rf results figures logs .snakemake report.html

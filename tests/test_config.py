@@ -1,0 +1,106 @@
+"""The config schema: defaults are filled, and every kind of mistake is one clear line."""
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from advalign.config import load_config, validate_config
+from advalign.io import PipelineError
+from advalign.zoo import load_zoo
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT = yaml.safe_load((REPO / "config/config.yaml").read_text())
+
+
+def _validate(cfg):
+    cfg = copy.deepcopy(cfg)
+    if "zoo" in cfg:
+        cfg["zoo"]["table"] = str(REPO / cfg["zoo"]["table"])
+    return validate_config(cfg, source="test.yaml")
+
+
+def test_default_config_is_valid_and_filled():
+    cfg = _validate(DEFAULT)
+    assert cfg["attacks"]["pgd_l2"]["steps"] >= 1
+    assert cfg["attacks"]["pgd_l2"]["step_rule"] in ("relative", "fixed")
+    assert cfg["training"]["harmonizer"]["levels"] == 5
+    assert set(cfg["attacks"]["enabled"]) <= {"pgd_l2", "pgd_linf", "cw_l2"}
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda c: c["attacks"]["pgd_l2"].update(stpes=3), "attacks.pgd_l2: unknown key 'stpes'"),
+        (lambda c: c.update(sed=1), "<top level>: unknown key 'sed'"),
+        (lambda c: c["training"].update(batch_size=0), "training.batch_size: 0 is less than the minimum of 1"),
+        (lambda c: c["data"].update(kind="imagenet"), "data.kind: 'imagenet' is not one of"),
+        (lambda c: c["attacks"].update(enabled=["pgd_l3"]), "attacks.enabled.0: 'pgd_l3' is not one of"),
+        (lambda c: c.pop("zoo"), "'zoo' is a required property"),
+        (lambda c: c["attacks"]["pgd_l2"].update(eps_max="ten"), "attacks.pgd_l2.eps_max: 'ten' is not of type 'number'"),
+    ],
+)
+def test_bad_config_is_one_clear_line(mutate, message):
+    cfg = copy.deepcopy(DEFAULT)
+    mutate(cfg)
+    with pytest.raises(PipelineError) as info:
+        _validate(cfg)
+    text = str(info.value)
+    assert message in text
+    assert "\n" not in text
+    assert text.startswith("test.yaml:")
+
+
+def test_derived_model_must_name_a_known_base(tmp_path):
+    cfg = copy.deepcopy(DEFAULT)
+    cfg["zoo"]["derived"] = [{"model": "x_harmonized", "training": "harmonized", "base_model": "no_such_model"}]
+    with pytest.raises(PipelineError, match="base_model 'no_such_model' is not in"):
+        load_zoo(_validate(cfg))
+
+
+def test_robust_model_needs_eps():
+    cfg = copy.deepcopy(DEFAULT)
+    base = load_zoo(_validate(DEFAULT))["model"].iloc[0]
+    cfg["zoo"]["derived"] = [{"model": "r", "training": "robust", "base_model": base}]
+    with pytest.raises(PipelineError, match="robust models need robust_eps"):
+        _validate(cfg)
+
+
+def test_zoo_table_errors(tmp_path):
+    table = tmp_path / "zoo.csv"
+    table.write_text("model,timm_name,arch_class,family\nm1,resnet18,RNN,ResNet\n")
+    cfg = copy.deepcopy(DEFAULT)
+    cfg["zoo"] = {"table": str(table)}
+    with pytest.raises(PipelineError, match=r"row 2 \(m1\): arch_class 'RNN' is not one of CNN, ViT, hybrid"):
+        load_zoo(validate_config(cfg))
+    table.write_text("model,timm_name,arch_class,famly\nm1,resnet18,CNN,ResNet\n")
+    with pytest.raises(PipelineError, match="missing column"):
+        load_zoo(validate_config(cfg))
+    with pytest.raises(PipelineError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_snakemake_reports_a_config_typo_in_one_line(tmp_path):
+    """A typo in a config key stops planning with the key named, before any job runs."""
+    bad = copy.deepcopy(DEFAULT)
+    bad["attacks"]["pgd_l2"]["stpes"] = 3
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "snakemake"), "-n", "--configfile", str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0
+    assert "attacks.pgd_l2: unknown key 'stpes'" in proc.stdout + proc.stderr
+
+
+def test_cli_check_config():
+    from advalign.cli import main
+
+    assert main(["check-config", str(REPO / "config/config.yaml")]) == 0
+    assert main(["check-config", "/nonexistent.yaml"]) == 1
