@@ -15,6 +15,9 @@ Stage files
     ids      str     [N]           unique image id, e.g. ``stim_00003``
 ``results/data/classes.csv``           CLASS_COLUMNS
 ``results/data/stimuli_manifest.csv``  MANIFEST_COLUMNS (one row per stimulus)
+``results/data/imagenet_{split}.csv``  IMAGENET_INDEX_COLUMNS (paper mode, split train|val:
+                                        one row per ImageNet image; training reads it)
+``{weights_cache}/{model}.pth``        paper mode: a timm pretrained state dict (advalign.weights)
 
 ``results/models/{model}/weights.pt``   torch.save({"state_dict", "meta"}) of a trained model
 ``results/models/{model}/metrics.json`` TRAIN_METRICS_KEYS
@@ -39,7 +42,15 @@ FIGURES = ("fig2", "fig3", "fig4", "fig5", "figS1", "figS2", "figS3", "figS4", "
 
 SPLIT_ARRAYS = ("images", "labels", "maps", "has_map", "ids")
 CLASS_COLUMNS = ("class_index", "class_name", "animate")
-MANIFEST_COLUMNS = ("image_id", "class_index", "class_name", "animate", "source")
+MANIFEST_COLUMNS = (
+    "image_id",
+    "class_index",
+    "wordnet_id",  # ImageNet WordNet id (paper mode); empty for synthetic data
+    "class_name",
+    "animate",
+    "source",  # where the image comes from, e.g. ClickMe shard and record: "val-3.tfrecords#125"
+)
+IMAGENET_INDEX_COLUMNS = ("path", "class_index", "wordnet_id")
 
 # The zoo: one row per model the attack stage sees (base models from the zoo
 # table, derived models -- harmonized, control, robust -- from config).
@@ -115,6 +126,16 @@ MODEL_ATTACK_COLUMNS = (
     "n_failed",  # attacked but never fooled at the upper bound
 )
 TEST_KEYS = ("name", "test", "statistic", "df", "p_value", "n", "detail")
-CLAIM_COLUMNS = ("claim", "source", "paper_value", "recomputed_value", "recomputed_p", "n", "agrees")
+CLAIM_COLUMNS = (
+    "claim",
+    "source",  # where the paper states it (section, figure, appendix)
+    "paper_value",
+    "recomputed_value",
+    "recomputed_p",
+    "recomputed_df",  # degrees of freedom of the recomputed test (NaN for counts and values)
+    "n",  # models, images or model pairs behind the recomputed value
+    "agrees",  # True/False by the criterion in `note`; empty where it cannot be computed
+    "note",  # the agreement criterion, and why a value is missing
+)
 TABLE_S1_COLUMNS = ("arch_class", "family", "count")
 TABLE_S2_COLUMNS = ("model", "base_model", "harmonizer_lambda", "accuracy", "control_accuracy", "alignment", "base_alignment")

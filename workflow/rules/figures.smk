@@ -48,6 +48,8 @@ for fig in QUALITATIVE_FIGURES:
             table="results/stats/model_attack_table.csv",
             classes="results/data/classes.csv",
             examples=[f"results/attacks/pgd_l2/{m}.npz" for m in attack_models("pgd_l2")],
+            # labels and per-image l2 / alignment of the shown examples
+            attacks=[f"results/attacks/pgd_l2/{m}.parquet" for m in attack_models("pgd_l2")],
         output:
             png=report(
                 f"figures/{fig}.png",

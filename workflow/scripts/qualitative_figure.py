@@ -12,6 +12,7 @@ def main(smk):
         pd.read_csv(smk.input.table),
         classes=pd.read_csv(smk.input.classes),
         example_paths=list(smk.input.examples),
+        attack_paths=list(smk.input.attacks),
         style=smk.params.style,
         n_images=smk.params.n_images,
         n_models=smk.params.n_models,

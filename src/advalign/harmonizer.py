@@ -1,0 +1,115 @@
+"""The neural harmonizer's alignment loss (SPEC §4), ported to PyTorch.
+
+loss = CE(label smoothing) + lambda * sum_levels MSE(P_l(z+(s)), P_l(z+(h) * max z+(s)))
+
+* s: saliency = d(true-class logit)/d(pixels), averaged over colour channels, computed
+  with ``create_graph=True`` so the loss can be differentiated again (double backprop);
+* z+(.): z-score over (H, W) with eps 1e-5, then ReLU -- applied to s and to the human map h;
+  h is then rescaled to the maximum of z+(s), with no gradient through that maximum;
+* P_l: level l of a pyramid built with the 5x5 binomial kernel [1,4,6,4,1] x [1,4,6,4,1] / 256
+  and stride-2 downsampling; levels 0 .. L-1 (level 0 is the full-resolution map);
+* only images that have a human map count (``has_map``); the loss is the mean over them,
+  so lambda means the same whatever fraction of images carries a map.
+
+The weight-decay term of the original (lambda_wd * sum of squared non-norm weights) lives
+in the optimizer's parameter groups (see advalign.training.parameter_groups).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+STANDARDIZE_EPS = 1e-5
+_BINOMIAL_TAPS = (1.0, 4.0, 6.0, 4.0, 1.0)
+
+
+def binomial_kernel(dtype=torch.float32, device=None) -> torch.Tensor:
+    """The 5x5 binomial (Gaussian-approximating) kernel, summing to 1."""
+    taps = torch.tensor(_BINOMIAL_TAPS, dtype=dtype, device=device)
+    return torch.outer(taps, taps) / 256.0
+
+
+def downsample(maps: torch.Tensor) -> torch.Tensor:
+    """Blur with the binomial kernel and keep every second pixel: [N, H, W] -> [N, ceil(H/2), ceil(W/2)].
+
+    Zero padding split as TensorFlow's 'SAME' does (the original ran in TF), so sizes
+    halve rounding up and an odd remainder pads the bottom/right side.
+    """
+    kernel = binomial_kernel(maps.dtype, maps.device)[None, None]
+    height, width = maps.shape[-2:]
+    pad_h = max((-(-height // 2) - 1) * 2 + 5 - height, 0)
+    pad_w = max((-(-width // 2) - 1) * 2 + 5 - width, 0)
+    padded = F.pad(maps[:, None], (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+    return F.conv2d(padded, kernel, stride=2)[:, 0]
+
+
+def pyramid(maps: torch.Tensor, levels: int) -> list[torch.Tensor]:
+    """Levels 0 .. levels-1 of the binomial pyramid of [N, H, W] maps (level 0 = the maps)."""
+    if levels < 1:
+        raise ValueError(f"pyramid needs at least one level, got {levels}")
+    out = [maps]
+    for _ in range(levels - 1):
+        out.append(downsample(out[-1]))
+    return out
+
+
+def standardize_cut(maps: torch.Tensor, eps: float = STANDARDIZE_EPS) -> torch.Tensor:
+    """z-score each [H, W] map (population std, eps added to it), then keep the positive part."""
+    mean = maps.mean(dim=(-2, -1), keepdim=True)
+    std = maps.std(dim=(-2, -1), keepdim=True, unbiased=False)
+    return F.relu((maps - mean) / (std + eps))
+
+
+def saliency_maps(logits: torch.Tensor, pixels: torch.Tensor, labels: torch.Tensor, create_graph: bool = True):
+    """d(true-class logit)/d(pixels), mean over channels: [N, H, W].
+
+    ``pixels`` must require grad and ``logits`` must depend on it. Summing the selected
+    logits gives every image its own gradient in one backward pass.
+    """
+    selected = logits.gather(1, labels.view(-1, 1)).sum()
+    (grad,) = torch.autograd.grad(selected, pixels, create_graph=create_graph)
+    return grad.mean(dim=1)
+
+
+def pyramidal_alignment_loss(
+    saliency: torch.Tensor, human_maps: torch.Tensor, has_map: torch.Tensor, levels: int = 5
+) -> torch.Tensor:
+    """Sum over pyramid levels of the per-image MSE between the normalised saliency and human
+    maps, averaged over the images that have a human map (0 with a graph if none has)."""
+    has_map = has_map.to(device=saliency.device, dtype=torch.bool)
+    if not bool(has_map.any()):
+        return saliency.sum() * 0.0  # keeps the graph; contributes nothing
+    saliency = saliency[has_map]
+    human_maps = human_maps[has_map].to(saliency.dtype)
+    s = standardize_cut(saliency)
+    h = standardize_cut(human_maps)
+    # Put h on the scale of s; the maximum of s is a constant here, so s is not pushed to shrink.
+    s_max = s.detach().amax(dim=(-2, -1), keepdim=True)
+    h_max = h.amax(dim=(-2, -1), keepdim=True)
+    h = h / (h_max + 1e-6) * (s_max + 1e-6)
+    per_image = saliency.new_zeros(saliency.shape[0])
+    for s_level, h_level in zip(pyramid(s, levels), pyramid(h, levels)):
+        per_image = per_image + (s_level - h_level).pow(2).mean(dim=(-2, -1))
+    return per_image.mean()
+
+
+def harmonizer_terms(
+    logits: torch.Tensor,
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    human_maps: torch.Tensor,
+    has_map: torch.Tensor,
+    levels: int = 5,
+    label_smoothing: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy, pyramidal alignment loss) for one batch; total = ce + lambda * alignment.
+
+    ``pixels`` is the [0, 1] input that required grad before the forward pass that made
+    ``logits``; the alignment term is differentiable with respect to the weights.
+    """
+    ce = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    if not bool(has_map.any()):
+        return ce, logits.sum() * 0.0  # no human map in this batch: skip the double backward
+    saliency = saliency_maps(logits, pixels, labels, create_graph=True)
+    return ce, pyramidal_alignment_loss(saliency, human_maps, has_map, levels)

@@ -1,0 +1,352 @@
+"""Table S1 (the zoo), Table S2 (harmonized models) and the claims table (paper vs recomputed).
+
+Every number here is computed from the per-model table and the test results;
+only the paper's values (PAPER_* below, quoted from the paper's text and
+appendix tables) are constants.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pandas as pd
+
+from .columns import ARCH_CLASSES, CLAIM_COLUMNS, TABLE_S1_COLUMNS, TABLE_S2_COLUMNS
+from .io import PipelineError, atomic_path, write_table
+from .stats import derived_pairs, prepare_table, scores
+
+SIGNIFICANCE = 0.05
+ALL_FAMILIES = "all families"
+ALL_CLASSES = "all classes"
+
+
+# --------------------------------------------------------------------------- Table S1
+
+
+def _models(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per model (the model table has one per model x attack)."""
+    return prepare_table(table).drop_duplicates("model").reset_index(drop=True)
+
+
+def table_s1(model_table: pd.DataFrame) -> pd.DataFrame:
+    """Count of base (standard) models per architecture class and family, with class subtotals and a total."""
+    models = _models(model_table)
+    base = models[models["training"] == "standard"]
+    rows = []
+    for arch_class in ARCH_CLASSES:
+        in_class = base[base["arch_class"] == arch_class]
+        if in_class.empty:
+            continue
+        counts = in_class.groupby("family").size()
+        # Largest families first, then alphabetical, so the table reads like the paper's.
+        for family, count in sorted(counts.items(), key=lambda item: (-item[1], item[0].lower())):
+            rows.append({"arch_class": arch_class, "family": family, "count": int(count)})
+        rows.append({"arch_class": arch_class, "family": ALL_FAMILIES, "count": int(len(in_class))})
+    rows.append({"arch_class": ALL_CLASSES, "family": ALL_FAMILIES, "count": int(len(base))})
+    return pd.DataFrame(rows, columns=list(TABLE_S1_COLUMNS))
+
+
+# --------------------------------------------------------------------------- Table S2
+
+
+def table_s2(model_table: pd.DataFrame) -> pd.DataFrame:
+    """Harmonized models: lambda, accuracy, their control's accuracy, l2-PGD alignment and their base's.
+
+    The control accuracy is that of the control model fine-tuned from the same
+    base (the mean if there are several); NaN where no control exists.
+    """
+    table = prepare_table(model_table)
+    models = table.drop_duplicates("model").set_index("model")
+    alignment = scores(table, "pgd_l2", "alignment")
+    harmonized = models[models["training"] == "harmonized"]
+    controls = models[models["training"] == "control"]
+    rows = []
+    for model, row in harmonized.iterrows():
+        base = row["base_model"]
+        own_controls = controls[controls["base_model"] == base]
+        rows.append(
+            {
+                "model": model,
+                "base_model": base,
+                "harmonizer_lambda": row["harmonizer_lambda"],
+                "accuracy": row["accuracy"],
+                "control_accuracy": own_controls["accuracy"].mean() if len(own_controls) else math.nan,
+                "alignment": alignment.get(model, math.nan),
+                "base_alignment": alignment.get(base, math.nan),
+            }
+        )
+    return pd.DataFrame(rows, columns=list(TABLE_S2_COLUMNS))
+
+
+# --------------------------------------------------------------------------- claims
+
+# (test name, claim, source, paper value, paper's df or None, expected sign). The paper reports every one of
+# these as significant (p < .001); where it states a direction without a number the paper value is NaN.
+PAPER_TEST_CLAIMS = (
+    ("rho_accuracy_tolerance_l2", "Spearman rho(accuracy, l2-PGD tolerance), standard models", "§3, Fig. 2", 0.70,
+     None, 1),
+    ("welch_tolerance_vit_vs_cnn", "t-test ViT vs CNN l2 tolerance, Welch (paper: T(122))", "§3, Fig. 2", 9.12, 122, 1),
+    ("student_tolerance_vit_vs_cnn", "t-test ViT vs CNN l2 tolerance, Student (paper: T(122))", "§3, Fig. 2", 9.12,
+     122, 1),
+    ("rho_accuracy_alignment", "Spearman rho(accuracy, adversarial alignment), standard models", "§3, Fig. 3", -0.53,
+     None, -1),
+    ("welch_alignment_vit_vs_cnn", "t-test ViT vs CNN alignment, Welch (paper: T(122))", "§3, Fig. 3", -18.73, 122, -1),
+    ("student_alignment_vit_vs_cnn", "t-test ViT vs CNN alignment, Student (paper: T(122))", "§3, Fig. 3", -18.73,
+     122, -1),
+    ("rho_alignment_tolerance_l2", "Spearman rho(alignment, l2 tolerance), standard models: the trade-off",
+     "§3, Fig. 4", math.nan, None, -1),
+    ("paired_harmonized_vs_most_aligned_unharmonized",
+     "paired t-test over images: harmonized mean alignment vs most-aligned unharmonized model (paper: T(999))",
+     "§3, Fig. 4", 15.63, 999, 1),
+    ("rho_tolerance_l2_linf", "Spearman rho(l2-PGD tolerance, linf-PGD tolerance)", "§3, App. C, Fig. S3", 0.72,
+     None, 1),
+    ("rho_cw_pgd_tolerance", "Spearman rho(CW-l2 tolerance, l2-PGD tolerance), CW subset", "App. C, Fig. S4", 0.71,
+     None, 1),
+    ("rho_cw_pgd_alignment", "Spearman rho(CW-l2 alignment, l2-PGD alignment), CW subset", "App. C, Fig. S5", 0.87,
+     None, 1),
+    ("harmonized_vs_base_tolerance", "harmonizing raises l2 tolerance (paired t over harmonized/base pairs)",
+     "§1 contributions, Fig. 2", math.nan, None, 1),
+    ("harmonized_vs_base_alignment", "harmonizing raises alignment (paired t over harmonized/base pairs)",
+     "§1 contributions, Fig. 3", math.nan, None, 1),
+    ("robust_vs_base_tolerance", "adversarial training raises l2 tolerance (paired t over robust/base pairs)",
+     "§3, Fig. 4", math.nan, None, 1),
+)
+
+# Counts stated in the text (§2, App. A-C). The paper's own counts disagree: 127 + 123 + 15 = 265 and
+# Table S1 sums to 121 CNN + 121 ViT + 21 hybrid = 263, while the text says 283 (265 + 14 harmonized + 4 robust).
+PAPER_COUNTS = {
+    "models": (283, "§2"),
+    "CNN": (127, "§2"),
+    "ViT": (123, "§2"),
+    "hybrid": (15, "§2"),
+    "table_s1_total": (263, "App. A, Table S1 (sum of versions)"),
+    "harmonized": (14, "§2, App. B, Table S2"),
+    "control": (4, "§2"),
+    "robust": (4, "§2"),
+    "stimuli": (1000, "§2"),
+    "cw_cnn": (50, "App. C"),
+    "cw_vit": (50, "App. C"),
+    "cw_stimuli": (100, "App. C"),
+}
+PAPER_MOST_ACCURATE = {"accuracy": 89.57, "alignment": -0.15, "name": "eva_giant_patch14_336.m30m_ft_in22k_in1k"}
+PAPER_MIXNET_L = {"accuracy": 78.98, "alignment": 0.38, "pattern": r"^mixnet_l(\b|[._-]|$)"}
+PAPER_HARMONIZED_VS_ROBUST = {"harmonized_tolerance": 14.69, "robust_tolerance": 23.95, "accuracy_gain": 14.0}
+PAPER_MOST_ACCURATE_VS_ROBUST_ACCURACY_GAP = 22.0
+
+
+def _claim(claim, source, paper_value, recomputed=math.nan, p=math.nan, n=0, agrees=None, df=math.nan, note="") -> dict:
+    return {
+        "claim": claim,
+        "source": source,
+        "paper_value": paper_value,
+        "recomputed_value": recomputed,
+        "recomputed_p": p,
+        "recomputed_df": df,
+        "n": int(n),
+        "agrees": agrees,
+        "note": note,
+    }
+
+
+def _nan(value) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _test_claims(tests_by_name: dict) -> list[dict]:
+    rows = []
+    for name, claim, source, paper_value, paper_df, expected_sign in PAPER_TEST_CLAIMS:
+        test = tests_by_name.get(name)
+        if test is None:
+            rows.append(_claim(claim, source, paper_value, note=f"test {name!r} not in tests.json"))
+            continue
+        statistic, p_value = _nan(test["statistic"]), _nan(test["p_value"])
+        reason = test["detail"].get("reason")
+        if math.isnan(statistic) or math.isnan(p_value):
+            agrees = None
+            note = f"not computed: {reason}" if reason else "not computed"
+        else:
+            agrees = bool(np.sign(statistic) == expected_sign and p_value < SIGNIFICANCE)
+            direction = "positive" if expected_sign > 0 else "negative"
+            note = f"agrees = {direction} and p < {SIGNIFICANCE}; paper p < .001"
+            if paper_df is not None:
+                note += f"; paper df {paper_df}"
+        if test["detail"].get("ci95_bootstrap_models"):
+            lo, hi = test["detail"]["ci95_bootstrap_models"]
+            note += f"; bootstrap 95% CI over models [{lo:.2f}, {hi:.2f}]"
+        rows.append(_claim(claim, source, paper_value, statistic, p_value, test["n"], agrees, _nan(test["df"]), note))
+    return rows
+
+
+def _descriptive_claims(tests_by_name: dict) -> list[dict]:
+    rows = []
+    test = tests_by_name.get("fraction_attacks_successful")
+    if test is not None:
+        value = _nan(test["statistic"])
+        rows.append(_claim(
+            "fraction of attacked images fooled by l2 PGD (paper: all attacks successful)", "§2", 1.0, value,
+            n=test["n"], agrees=None if math.isnan(value) else bool(value == 1.0),
+            note="only correctly classified images are attacked here (SPEC §3); failures are counted, not dropped",
+        ))
+    test = tests_by_name.get("fraction_harmonized_beyond_pareto_front")
+    if test is not None:
+        value = _nan(test["statistic"])
+        rows.append(_claim(
+            "fraction of harmonized models beyond the Pareto front of unharmonized models", "§3, Fig. 4", 1.0, value,
+            n=test["n"], agrees=None if math.isnan(value) else bool(value == 1.0),
+            note="paper value read from Fig. 4 (harmonized models break the trade-off), not a printed number"
+            + (f"; {test['detail']['reason']}" if test["detail"].get("reason") else ""),
+        ))
+    return rows
+
+
+def _count_claims(table: pd.DataFrame) -> list[dict]:
+    models = table.drop_duplicates("model")
+    standard = models[models["training"] == "standard"]
+    pgd = table[table["attack"] == "pgd_l2"]
+    cw = table[table["attack"] == "cw_l2"]
+    recomputed = {
+        "models": (len(models), "distinct models with any attack table"),
+        "CNN": ((standard["arch_class"] == "CNN").sum(), "standard CNNs"),
+        "ViT": ((standard["arch_class"] == "ViT").sum(), "standard ViTs"),
+        "hybrid": ((standard["arch_class"] == "hybrid").sum(), "standard hybrids"),
+        "table_s1_total": (len(standard), "standard models (Table S1 total)"),
+        "harmonized": ((models["training"] == "harmonized").sum(), "harmonized models"),
+        "control": ((models["training"] == "control").sum(), "harmonizer control models"),
+        "robust": ((models["training"] == "robust").sum(), "adversarially trained models"),
+        "stimuli": (pgd["n_stimuli"].max() if len(pgd) else math.nan, "stimuli per l2-PGD table (max)"),
+        "cw_cnn": ((cw["arch_class"] == "CNN").sum(), "CNNs with a CW table"),
+        "cw_vit": ((cw["arch_class"] == "ViT").sum(), "ViTs with a CW table"),
+        "cw_stimuli": (cw["n_stimuli"].max() if len(cw) else math.nan, "stimuli per CW table (max)"),
+    }
+    rows = []
+    for key, (paper_value, source) in PAPER_COUNTS.items():
+        value, what = recomputed[key]
+        value = float(value)
+        rows.append(_claim(
+            f"number of {what}", source, float(paper_value), value, n=0 if math.isnan(value) else value,
+            agrees=None if math.isnan(value) else bool(value == paper_value),
+            note="a count; the demo zoo is deliberately small" if key != "models" else
+            "283 = 265 zoo models + 14 harmonized + 4 robust (or control) models",
+        ))
+    return rows
+
+
+def _model_claims(table: pd.DataFrame) -> list[dict]:
+    """Claims about named models, located by role (most accurate, shared base) or by id pattern."""
+    rows = []
+    pgd = table[table["attack"] == "pgd_l2"].set_index("model")
+    standard = pgd[pgd["training"] == "standard"].dropna(subset=["accuracy"])
+    robust = pgd[pgd["training"] == "robust"]
+    if standard.empty:
+        return rows
+    top = standard["accuracy"].idxmax()
+    rows.append(_claim(
+        f"accuracy (%) of the most accurate standard model ({top})", "§3", PAPER_MOST_ACCURATE["accuracy"],
+        standard.loc[top, "accuracy"], n=1,
+        agrees=bool(abs(standard.loc[top, "accuracy"] - PAPER_MOST_ACCURATE["accuracy"]) < 0.05),
+        note=f"paper: {PAPER_MOST_ACCURATE['name']}",
+    ))
+    top_alignment = standard.loc[top, "alignment"]
+    rows.append(_claim(
+        f"alignment (rho_s) of the most accurate standard model ({top})", "§3, Fig. 3", PAPER_MOST_ACCURATE["alignment"],
+        top_alignment, n=int(standard.loc[top, "n_success"]),
+        agrees=None if math.isnan(top_alignment) else bool(np.sign(top_alignment) == np.sign(PAPER_MOST_ACCURATE["alignment"])),
+        note="agrees = same sign (paper: the most accurate model's attacks are anti-aligned)",
+    ))
+    mixnet = [m for m in pgd.index if re.search(PAPER_MIXNET_L["pattern"], m)]
+    if mixnet:
+        value = pgd.loc[mixnet[0], "alignment"]
+        rows.append(_claim(
+            f"alignment (rho_s) of MixNet-L ({mixnet[0]}) vs the most accurate model", "§3, Fig. 3",
+            PAPER_MIXNET_L["alignment"], value, n=int(pgd.loc[mixnet[0], "n_success"]),
+            agrees=None if math.isnan(value) else bool(value > top_alignment),
+            note="agrees = MixNet-L is more aligned than the most accurate model, as in the paper",
+        ))
+    else:
+        rows.append(_claim("alignment (rho_s) of MixNet-L", "§3, Fig. 3", PAPER_MIXNET_L["alignment"],
+                           note="no MixNet-L in this zoo"))
+    if len(robust):
+        gap = standard.loc[top, "accuracy"] - robust["accuracy"].mean()
+        rows.append(_claim(
+            f"accuracy gap (points) most accurate model ({top}) minus robust models (mean)", "§3",
+            PAPER_MOST_ACCURATE_VS_ROBUST_ACCURACY_GAP, gap, n=len(robust) + 1,
+            agrees=None if math.isnan(gap) else bool(gap > 0), note="agrees = same sign",
+        ))
+    rows += _harmonized_vs_robust_claims(table, pgd)
+    return rows
+
+
+def _harmonized_vs_robust_claims(table, pgd) -> list[dict]:
+    """Paper: harmonized ResNet50 vs adversarially trained ResNet50, tolerance 14.69 vs 23.95, +14 points accuracy.
+
+    Recomputed for a harmonized and a robust model fine-tuned from the same base;
+    with several robust versions, the most tolerant one (the paper does not say which).
+    """
+    paper = PAPER_HARMONIZED_VS_ROBUST
+    labels = ("l2 tolerance of the harmonized model", "l2 tolerance of the robust model on the same base",
+              "accuracy gain (points) harmonized minus robust, same base")
+    pairs = []
+    for harmonized, base in derived_pairs(table, "harmonized", "base"):
+        robust = [r for r, b in derived_pairs(table, "robust", "base") if b == base]
+        if robust:
+            pairs.append((harmonized, max(robust, key=lambda r: pgd.loc[r, "tolerance"])))
+    if not pairs:
+        note = "no harmonized and robust model share a base model"
+        return [_claim(label, "§3, Fig. 2", value, note=note) for label, value in zip(labels, paper.values())]
+    harmonized, robust = pairs[0]
+    h_tol, r_tol = pgd.loc[harmonized, "tolerance"], pgd.loc[robust, "tolerance"]
+    gain = pgd.loc[harmonized, "accuracy"] - pgd.loc[robust, "accuracy"]
+    ordering = None if math.isnan(h_tol) or math.isnan(r_tol) else bool(h_tol < r_tol)
+    note = (f"{harmonized} vs {robust}; agrees = robust more tolerant than harmonized, as in the paper; "
+            "absolute l2 values depend on pixel scale and resolution")
+    return [
+        _claim(f"{labels[0]} ({harmonized})", "§3, Fig. 2", paper["harmonized_tolerance"], h_tol,
+               n=int(pgd.loc[harmonized, "n_success"]), agrees=ordering, note=note),
+        _claim(f"{labels[1]} ({robust})", "§3, Fig. 2", paper["robust_tolerance"], r_tol,
+               n=int(pgd.loc[robust, "n_success"]), agrees=ordering, note=note),
+        _claim(labels[2], "§3, Fig. 2", paper["accuracy_gain"], gain, n=2,
+               agrees=None if math.isnan(gain) else bool(gain > 0), note="agrees = same sign"),
+    ]
+
+
+def claims_table(tests: list[dict], model_table: pd.DataFrame) -> pd.DataFrame:
+    """Every statistic the paper states, its recomputed value, p, df, n, and whether they agree."""
+    if not isinstance(tests, list) or not all(isinstance(t, dict) and "name" in t for t in tests):
+        raise PipelineError("tests: expected a list of test dicts with a 'name' (results/stats/tests.json)")
+    tests_by_name = {t["name"]: t for t in tests}
+    table = prepare_table(model_table)
+    rows = _test_claims(tests_by_name) + _descriptive_claims(tests_by_name) + _count_claims(table) + _model_claims(table)
+    claims = pd.DataFrame(rows, columns=list(CLAIM_COLUMNS))
+    claims["agrees"] = claims["agrees"].astype(object)
+    return claims
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _markdown_cell(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (float, np.floating)):
+        if float(value).is_integer() and abs(value) < 1e6:
+            return str(int(value))
+        return f"{value:.3g}" if abs(value) < 1e-3 else f"{value:.4g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    header = "| " + " | ".join(df.columns) + " |"
+    rule = "| " + " | ".join("---" for _ in df.columns) + " |"
+    body = ["| " + " | ".join(_markdown_cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([header, rule, *body]) + "\n"
+
+
+def write_table_pair(df: pd.DataFrame, csv_path, md_path, title: str) -> None:
+    """Write the table as CSV (exact values) and as a Markdown table (rounded, for reading), atomically."""
+    write_table(df, csv_path)
+    with atomic_path(md_path) as tmp:
+        tmp.write_text(f"# {title}\n\n" + markdown_table(df))

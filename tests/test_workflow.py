@@ -1,0 +1,98 @@
+"""The DAG end to end on a tiny config: every output exists and is well-formed,
+and a second plan right after a complete run has nothing to do."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from advalign import columns
+from conftest import snakemake
+
+pytestmark = pytest.mark.slow
+
+
+def test_every_figure_is_a_real_image(tiny_run):
+    for fig in columns.FIGURES:
+        png = tiny_run.path(f"figures/{fig}.png")
+        pdf = tiny_run.path(f"figures/{fig}.pdf")
+        with Image.open(png) as image:
+            width, height = image.size
+            assert width >= 400 and height >= 300, f"{fig}.png is {width}x{height}"
+            pixels = np.asarray(image.convert("L"))
+            assert pixels.std() > 5, f"{fig}.png is blank"
+        assert pdf.read_bytes()[:5] == b"%PDF-", f"{fig}.pdf is not a PDF"
+
+
+def test_tables_follow_their_contracts(tiny_run):
+    expected = {
+        "table_s1": columns.TABLE_S1_COLUMNS,
+        "table_s2": columns.TABLE_S2_COLUMNS,
+        "claims": columns.CLAIM_COLUMNS,
+    }
+    for name, cols in expected.items():
+        table = pd.read_csv(tiny_run.path(f"results/tables/{name}.csv"))
+        assert list(table.columns)[: len(cols)] == list(cols), name
+        assert len(table) > 0, name
+        markdown = tiny_run.path(f"results/tables/{name}.md").read_text()
+        assert markdown.count("|") > 2 * len(cols), name
+    claims = pd.read_csv(tiny_run.path("results/tables/claims.csv"))
+    assert claims["paper_value"].notna().all()
+
+
+def test_model_table_covers_every_model_and_attack(tiny_run):
+    from advalign.config import load_config
+    from advalign.zoo import load_zoo
+
+    config = load_config(tiny_run.path("tests/configs/tiny.yaml"))
+    table = pd.read_csv(tiny_run.path("results/stats/model_attack_table.csv"))
+    assert list(table.columns)[: len(columns.MODEL_ATTACK_COLUMNS)] == list(columns.MODEL_ATTACK_COLUMNS)
+    models = set(load_zoo(config)["model"])
+    pgd = table[table["attack"] == "pgd_l2"]
+    assert set(pgd["model"]) == models
+    assert set(table["attack"]) == set(config["attacks"]["enabled"])
+    assert (pgd["accuracy"].between(0, 100)).all()
+    assert (pgd["n_attacked"] == pgd["n_success"] + pgd["n_failed"]).all()
+    attacked = pgd[pgd["n_success"] > 0]
+    assert (attacked["tolerance"] > 0).all()
+    assert attacked["alignment"].between(-1, 1).all()
+
+
+def test_attack_results_follow_their_contract(tiny_run):
+    stimuli = np.load(tiny_run.path("results/data/stimuli.npz"))
+    for path in sorted(tiny_run.path("results/attacks").glob("*/*.parquet")):
+        table = pd.read_parquet(path)
+        assert list(table.columns) == list(columns.ATTACK_COLUMNS), path
+        assert table["image_id"].is_unique
+        assert set(table["image_id"]) <= set(stimuli["ids"])
+        success = table[table["success"]]
+        assert (success["adv_pred"] != success["label"]).all(), path
+        assert (success["l2"] > 0).all() and (success["linf"] > 0).all()
+        assert table.loc[~table["attacked"], "success"].eq(False).all()
+        examples = np.load(path.with_suffix(".npz"))
+        assert set(columns.EXAMPLE_ARRAYS) <= set(examples.files), path
+        assert examples["perturbations"].shape[-1] == 3
+    assert not list(tiny_run.path("results/attacks").glob("*/*.chunks")), "resume chunks left behind"
+
+
+def test_tests_and_training_outputs(tiny_run):
+    tests = json.loads(tiny_run.path("results/stats/tests.json").read_text())
+    assert tests and all(set(columns.TEST_KEYS) <= set(t) for t in tests)
+    for metrics in tiny_run.path("results/models").glob("*/metrics.json"):
+        values = json.loads(metrics.read_text())
+        assert set(columns.TRAIN_METRICS_KEYS) <= set(values), metrics
+        assert 0.0 <= values["heldout_accuracy"] <= 1.0
+
+
+def test_every_job_logged(tiny_run):
+    logs = list(tiny_run.path("logs").rglob("*.log"))
+    assert logs and all(log.stat().st_size > 0 for log in logs)
+
+
+def test_second_plan_has_nothing_to_do(tiny_run):
+    proc = snakemake(tiny_run.workdir, "-n", *tiny_run.config_args())
+    assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-3000:]
