@@ -207,3 +207,26 @@ def zoo_row(model, arch_class="CNN", family="ResNet", training="standard", base_
     return dict(model=model, timm_name=model, timm_kwargs="{}", arch_class=arch_class, family=family,
                 training=training, base_model=base_model, harmonizer_lambda=harmonizer_lambda,
                 robust_eps=robust_eps, top1=top1, top1_source="")
+
+
+class _Named(list):
+    """Stand-in for Snakemake's Namedlist: positional and attribute access."""
+
+    def __init__(self, items=None, **named):
+        super().__init__(list(items or []) + [v for v in named.values() if not isinstance(v, list)]
+                         + [x for v in named.values() if isinstance(v, list) for x in v])
+        for key, value in named.items():
+            setattr(self, key, value)
+
+
+def run_script(script, log, input=None, output=None, params=None, **named_input):
+    """Run a workflow/scripts/*.py entry point as Snakemake would, with a stand-in ``snakemake`` object."""
+    import runpy
+    from types import SimpleNamespace
+
+    repo = Path(__file__).resolve().parents[1]
+    smk = SimpleNamespace(
+        input=_Named(**(input or {})), output=_Named(**(output or {})) if isinstance(output, dict) else _Named(output),
+        params=SimpleNamespace(**(params or {})), log=_Named([str(log)]), threads=1,
+    )
+    runpy.run_path(str(repo / "workflow" / "scripts" / script), init_globals={"snakemake": smk}, run_name="__main__")

@@ -16,6 +16,8 @@ set -euo pipefail
 
 STATE_DIR=${STATE_DIR:-/run/advalign-slurm}
 WAIT_S=${WAIT_S:-60}
+# Fake GPUs on the node (1 or 2): two let two GPU jobs run side by side on 2 cores.
+FAKE_GPUS=${FAKE_GPUS:-1}
 MARKER="# written by advalign .ci/slurm/start.sh"
 CONF_DIR=/etc/slurm
 HOST=$(hostname -s)
@@ -92,14 +94,18 @@ AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 GresTypes=gpu
-NodeName=$HOST CPUs=$cpus RealMemory=$mem_mb Gres=gpu:1 State=UNKNOWN
+NodeName=$HOST CPUs=$cpus RealMemory=$mem_mb Gres=gpu:$FAKE_GPUS State=UNKNOWN
 PartitionName=ci Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 CONF
-cat >"$CONF_DIR/gres.conf" <<CONF
-$MARKER
-# A fake GPU: schedulable gres on a GPU-less node.
-NodeName=$HOST Name=gpu File=/dev/null
-CONF
+# Fake GPUs: schedulable gres on a GPU-less node, each "device" a harmless file.
+fake_devices=(/dev/null /dev/zero)
+(( FAKE_GPUS >= 1 && FAKE_GPUS <= ${#fake_devices[@]} )) || { echo "start.sh: FAKE_GPUS must be 1 or 2" >&2; exit 1; }
+{
+    echo "$MARKER"
+    for device in "${fake_devices[@]:0:FAKE_GPUS}"; do
+        echo "NodeName=$HOST Name=gpu File=$device"
+    done
+} >"$CONF_DIR/gres.conf"
 
 start_daemon() {  # name, command...
     local name=$1; shift

@@ -102,6 +102,8 @@ class AttackedFunction:
             yield
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.model.training:  # something flipped it (torchattacks restores the caller's mode)
+            self.model.eval()
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with self._numerics():
@@ -615,6 +617,9 @@ def job_hash(job: dict, stimuli_path, weights_path, device: torch.device, precis
         "device": device.type,
         "precision": precision,
         "torch": torch.__version__,
+        # CPU kernels may round differently with another thread count; a resumed
+        # job must reproduce an uninterrupted one bit for bit.
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
     }
     text = json.dumps(identity, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()

@@ -165,7 +165,7 @@ def _rc(style):
 
 def scatter_data(spec: ScatterSpec, table: pd.DataFrame) -> pd.DataFrame:
     """One row per model: x, y, their SEs, and the model's metadata."""
-    meta = table.drop_duplicates("model").set_index("model")[["arch_class", "family", "training", "base_model"]]
+    meta = table.drop_duplicates("model").set_index("model")[["arch_class", "family", "training", "base_model", "accuracy"]]
     columns = {}
     for axis_name, axis in (("x", spec.x), ("y", spec.y)):
         rows = table[table["attack"] == axis.attack].set_index("model")
@@ -196,6 +196,13 @@ def _models_to_label(data: pd.DataFrame, mode: str) -> list[str]:
         return list(data.index)
     if mode not in ("auto", "derived"):
         raise PipelineError(f"figure style: label_models must be auto, all, derived or none, not {mode!r}")
+    if mode == "auto":
+        # A large zoo: only the models the text names by role -- the most accurate one and the robust ones.
+        standard = data[data["training"] == "standard"]
+        named = set(data.index[data["training"] == "robust"])
+        if "accuracy" in data.columns and standard["accuracy"].notna().any():
+            named.add(standard["accuracy"].idxmax())
+        return sorted(named)
     derived = data[data["training"] != "standard"]
     bases = data.index.intersection(derived["base_model"].unique())
     return sorted(set(derived.index) | set(bases))

@@ -24,6 +24,7 @@ Which models enter which test (the ``detail`` of every test repeats it):
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from pathlib import Path
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
 MIN_MODELS_FOR_RHO = 3  # with two points a rank correlation is +-1 by construction
+EXACT_P_MAX_MODELS = 8  # up to 8! = 40320 rank pairings: exact p; beyond, scipy's t approximation
 REQUIRED_ZOO_KEYS = ("model", "arch_class", "family", "training", "base_model", "harmonizer_lambda", "robust_eps", "top1")
 
 
@@ -316,6 +318,22 @@ def bootstrap_spearman_ci(x, y, resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SE
     return [float(np.quantile(rhos, alpha)), float(np.quantile(rhos, 1 - alpha))]
 
 
+def exact_spearman_p(x, y) -> float:
+    """Two-sided p of Spearman's rho by enumerating every pairing of the ranks.
+
+    The t approximation scipy uses is far off for a handful of models (n = 3
+    with rho = 1 gives p = 0; the exact value is 1/3), and the demo zoo is that small.
+    """
+    centre = (len(x) + 1) / 2
+    rank_x = sps.rankdata(x) - centre
+    rank_y = sps.rankdata(y) - centre
+    norm = math.sqrt((rank_x**2).sum() * (rank_y**2).sum())  # permuting y keeps its sum of squares
+    permuted = np.array(list(itertools.permutations(rank_y)))
+    rhos = permuted @ rank_x / norm
+    observed = abs(float(rank_x @ rank_y) / norm)
+    return float(np.mean(np.abs(rhos) >= observed - 1e-12))
+
+
 def spearman_test(name: str, x: pd.Series, y: pd.Series, model_set: str, x_label: str, y_label: str) -> dict:
     """Spearman rho over the models both series define, with a bootstrap CI over models."""
     paired = pd.concat({"x": x, "y": y}, axis=1, join="inner").dropna()
@@ -326,6 +344,11 @@ def spearman_test(name: str, x: pd.Series, y: pd.Series, model_set: str, x_label
     if paired["x"].nunique() < 2 or paired["y"].nunique() < 2:
         return _result(name, "spearman", n=n, reason="a variable is constant over the models", **detail)
     rho, p_value = sps.spearmanr(paired["x"], paired["y"])
+    if n <= EXACT_P_MAX_MODELS:
+        p_value = exact_spearman_p(paired["x"].to_numpy(), paired["y"].to_numpy())
+        detail["p_method"] = "exact permutation (two-sided)"
+    else:
+        detail["p_method"] = "t approximation with n - 2 df (scipy)"
     detail["ci95_bootstrap_models"] = bootstrap_spearman_ci(paired["x"].to_numpy(), paired["y"].to_numpy())
     return _result(name, "spearman", rho, n - 2, p_value, n, **detail)
 

@@ -12,6 +12,7 @@ for the zoo row's tagged ``timm_name``, saved with ``torch.save`` (atomically);
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
 
 from .io import PipelineError, torch_save
@@ -41,13 +42,25 @@ def check_timm_name(timm_name: str, model: str = "?") -> None:
     import timm
 
     arch, _, tag = timm_name.partition(".")
-    if not arch or not timm.is_model(arch):
-        raise PipelineError(f"model '{model}': timm {timm.__version__} has no architecture {arch!r} ({timm_name})")
+    if arch not in _current_architectures():
+        # timm still builds some old names through its deprecation map; the zoo must use current ones.
+        renamed = getattr(timm.models._registry, "_deprecated_models", {}).get(arch)
+        hint = f"; renamed {renamed!r}" if renamed else ""
+        raise PipelineError(
+            f"model '{model}': timm {timm.__version__} has no architecture {arch!r} ({timm_name}){hint}"
+        )
     if tag and timm_name not in timm.list_pretrained(timm_name):
         known = ", ".join(timm.list_pretrained(f"{arch}.*")) or "none"
         raise PipelineError(
             f"model '{model}': timm {timm.__version__} has no pretrained weights {timm_name!r} (tags: {known})"
         )
+
+
+@lru_cache(maxsize=1)
+def _current_architectures() -> frozenset[str]:
+    import timm
+
+    return frozenset(timm.list_models())
 
 
 def check_zoo_timm_names(rows) -> None:

@@ -13,8 +13,9 @@ rule attack:
         job=attack_params,
     threads: config["attacks"]["threads"]
     resources:
-        gpu=lambda wildcards: 0 if SYNTHETIC else 1,
-        runtime=lambda wildcards: 30 if SYNTHETIC else 240,
+        gpu=job_resource("attack", "gpu", 0),
+        runtime=job_resource("attack", "runtime", 30),
+        mem_mb=job_resource("attack", "mem_mb", 4000),
     log:
         "logs/attacks/{attack}/{model}.log",
     conda:

@@ -103,11 +103,29 @@ def training_params(wildcards):
     return {"model": row, "recipe": recipe, "device": config["device"], "seed": config["seed"]}
 
 
-def training_inputs(wildcards):
-    inputs = {
-        "train": "results/data/train.npz",
-        "heldout": "results/data/heldout.npz",
+def job_resource(rule_name, key, synthetic_value):
+    """A rule's cluster resource: fixed small values on the synthetic benchmark, and
+    data.paper.resources.<rule_name>.<key> of the config on the paper."""
+    if SYNTHETIC:
+        return synthetic_value
+    return config["data"]["paper"]["resources"][rule_name][key]
+
+
+def training_data_inputs():
+    """What training reads: the synthetic splits, or (paper) the ImageNet indexes
+    (results/data/imagenet_{train,val}.csv, IMAGENET_INDEX_COLUMNS) and the ClickMe
+    training shards whose maps the harmonizer aligns to."""
+    if SYNTHETIC:
+        return {"train": "results/data/train.npz", "heldout": "results/data/heldout.npz"}
+    return {
+        "train": "results/data/imagenet_train.csv",
+        "heldout": "results/data/imagenet_val.csv",
+        "clickme": clickme_train_shards(),
     }
+
+
+def training_inputs(wildcards):
+    inputs = training_data_inputs()
     base = ZOO_ROWS[wildcards.model]["base_model"]
     if ZOO_ROWS[wildcards.model]["training"] != "standard" and base:
         inputs["base_weights"] = model_weights(base)

@@ -13,8 +13,9 @@ rule train:
         job=training_params,
     threads: config["training"]["threads"]
     resources:
-        gpu=lambda wildcards: 0 if SYNTHETIC else 1,
-        runtime=lambda wildcards: 60 if SYNTHETIC else 4320,
+        gpu=job_resource("train", "gpu", 0),
+        runtime=job_resource("train", "runtime", 60),
+        mem_mb=job_resource("train", "mem_mb", 4000),
     log:
         "logs/train/{model}.log",
     conda:

@@ -113,7 +113,7 @@ def decode_example(features: dict, where: str) -> tuple[np.ndarray, np.ndarray, 
     for name in ("image", "heatmap"):
         values = features.get(name)
         if not values or not isinstance(values[0], bytes) or not values[0]:
-            what = "a human map" if name == "heatmap" else "an image"
+            what = "human map" if name == "heatmap" else "image"
             raise PipelineError(f"{where}: record has no {what} (missing or empty '{name}' bytes feature)")
     image = _decode_jpeg(features["image"][0], "RGB", f"{where} 'image'")
     heatmap = _decode_jpeg(features["heatmap"][0], "L", f"{where} 'heatmap'")

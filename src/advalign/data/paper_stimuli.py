@@ -30,7 +30,7 @@ import pandas as pd
 
 from ..columns import CLASS_COLUMNS, MANIFEST_COLUMNS, SPLIT_ARRAYS
 from ..io import PipelineError, save_npz, write_table
-from .clickme import ClickMeRecord, clickme_preprocess, find_shards, index_shard, read_clickme_record
+from .clickme import ClickMeRecord, clickme_preprocess, index_shard, read_clickme_record
 from .imagenet import NUM_CLASSES, imagenet_classes
 
 log = logging.getLogger(__name__)
@@ -125,21 +125,25 @@ def stimulus_tables(records: list[ClickMeRecord]) -> tuple[pd.DataFrame, pd.Data
     return classes, manifest
 
 
-def write_paper_stimuli(
-    shard_dir, shard_patterns, spec: dict, seed: int, outputs: dict, verify_crc: bool = True
-) -> pd.DataFrame:
-    """Select the stimuli from the ClickMe shards and write the three stimulus files.
+def write_paper_stimuli(shards, spec: dict, seed: int, outputs: dict, verify_crc: bool = True) -> pd.DataFrame:
+    """Select the stimuli from the ClickMe ``shards`` and write the three stimulus files.
 
+    ``shards`` are paths (see :func:`~advalign.data.clickme.find_shards` for globbing);
     ``outputs`` maps ``stimuli``, ``classes`` and ``manifest`` to paths. Returns the manifest.
     """
     spec = {**DEFAULT_SPEC, **spec}
-    shards = find_shards(shard_dir, shard_patterns)
+    shards = [Path(s) for s in shards]
+    if not shards:
+        raise PipelineError("no ClickMe stimulus shards given")
+    for shard in shards:
+        if not shard.is_file():
+            raise PipelineError(f"{shard}: ClickMe shard not found")
     by_class = index_records(shards, verify_crc=verify_crc)
     log.info("%d records in %d shards, %d classes", sum(map(len, by_class.values())), len(shards), len(by_class))
     records, images, maps = select_stimuli(by_class, spec, seed, verify_crc=verify_crc)
     ids = [r.image_id for r in records]
     if len(set(ids)) != len(ids):
-        raise PipelineError(f"{shard_dir}: two shards share a file name stem; stimulus ids would repeat")
+        raise PipelineError("two stimulus shards share a file name; stimulus ids would repeat")
     arrays = {
         "images": np.stack(images).astype(np.uint8),
         "labels": np.array([r.label for r in records], dtype=np.int64),
@@ -147,9 +151,8 @@ def write_paper_stimuli(
         "has_map": np.ones(len(records), dtype=bool),
         "ids": np.array(ids),
     }
-    assert tuple(arrays) == SPLIT_ARRAYS
     classes, manifest = stimulus_tables(records)
-    save_npz(Path(outputs["stimuli"]), **arrays)
+    save_npz(Path(outputs["stimuli"]), **{name: arrays[name] for name in SPLIT_ARRAYS})
     write_table(classes, Path(outputs["classes"]))
     write_table(manifest, Path(outputs["manifest"]))
     log.info("%d stimuli from %d classes written", len(records), manifest["class_index"].nunique())

@@ -51,7 +51,9 @@ INANIMATE_NAMES = (
 
 # The class "world" (glyphs, contexts) is fixed so that seeds resample the same task.
 _WORLD_SEED = 20230711
-_GLYPH_CELLS = 5  # glyphs are 5 x 5 cells
+_GLYPH_CELLS = 3  # glyphs are 3 x 3 cells
+import os
+_PART_FRACTION = float(os.environ.get("AA_PART", 0.3))  # the part's side as a fraction of the image side
 _CONTEXT_KINDS = ("horizontal", "vertical", "plaid", "diamond")  # all mirror-invariant up to phase
 _SPLIT_PREFIX = {"train": "train", "heldout": "heldout", "stimuli": "stim"}
 _OUTPUT_KEYS = ("train", "heldout", "stimuli", "classes", "manifest")
@@ -98,14 +100,14 @@ def class_glyphs(n_classes: int) -> np.ndarray:
     rng = np.random.default_rng([_WORLD_SEED, n_classes, 1])
     half = (_GLYPH_CELLS + 1) // 2
     chosen: list[np.ndarray] = []
-    min_distance = 8
+    min_distance = max(2, _GLYPH_CELLS)
     while len(chosen) < n_classes:
         for _ in range(5000):
             left = rng.random((_GLYPH_CELLS, half)) < 0.5
             glyph = np.concatenate([left, left[:, : _GLYPH_CELLS - half][:, ::-1]], axis=1)
             on = glyph.sum()
             # Neither nearly empty nor nearly full, so every glyph has visible structure.
-            if not 9 <= on <= 16:
+            if not 0.35 * glyph.size <= on <= 0.7 * glyph.size:
                 continue
             if all((glyph != other).sum() >= min_distance for other in chosen):
                 chosen.append(glyph)
@@ -191,13 +193,18 @@ def render_image(label: int, context_class: int, rng: np.random.Generator, world
     image = image * (1 - body_mask[:, :, None]) + (body_colour[None, None, :] * shading[:, :, None]) * body_mask[:, :, None]
 
     # Diagnostic part ("head") on top of the body: a skin-coloured square with the class glyph inked in.
-    cell = max(1, round(size / 16))
-    part = _GLYPH_CELLS * cell
+    cells = glyph.shape[0]
+    cell = max(1, round(_PART_FRACTION * size / cells))
+    part = cells * cell
     left = int(np.clip(round(cx + rng.uniform(-0.5, 0.5) * half_w - part / 2), 1, size - part - 1))
     top = int(np.clip(round(cy - half_h - 0.6 * part), 1, size - part - 1))
-    skin = np.clip(body_colour * rng.uniform(0.8, 1.2), 0.0, 1.0)
-    ink_level = 0.08 if skin.mean() > 0.5 else 0.92  # the glyph always contrasts with its skin
-    ink = np.clip(ink_level + rng.normal(0.0, 0.04, 3), 0.0, 1.0)
+    # Light skin, dark ink: one polarity, so a glyph is one pattern to learn, not two.
+    skin = np.clip(0.55 + 0.45 * body_colour + rng.normal(0.0, 0.03, 3), 0.0, 1.0)
+    ink = np.clip(0.1 + rng.normal(0.0, 0.04, 3), 0.0, 1.0)
+    import os
+    if os.environ.get("AA_INK"):
+        hue = (label * 0.618034 + 0.3) % 1.0
+        ink = np.clip(np.array(colorsys.hsv_to_rgb(hue, 0.9, float(os.environ["AA_INK"]))) + rng.normal(0.0, 0.04, 3), 0.0, 1.0)
     glyph_pixels = np.kron(glyph, np.ones((cell, cell), dtype=bool))
     patch = np.where(glyph_pixels[:, :, None], ink[None, None, :], skin[None, None, :])
     image[top : top + part, left : left + part] = patch
@@ -320,6 +327,7 @@ def write_synthetic_dataset(spec: dict, seed: int, outputs: dict) -> None:
                     {
                         "image_id": arrays["ids"],
                         "class_index": arrays["labels"],
+                        "wordnet_id": "",  # synthetic classes have no WordNet synset
                         "class_name": names[arrays["labels"]],
                         "animate": classes["animate"].to_numpy()[arrays["labels"]],
                         # Where the image comes from; for synthetic stimuli, also which class its context shows.

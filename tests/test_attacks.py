@@ -1,0 +1,355 @@
+"""The attack engine: batched minimal-ε search against a per-image torchattacks loop,
+projections, failures, untouched misclassified images, CW, and the job contract."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from attack_helpers import (
+    DATA_CONFIG,
+    coloured_squares,
+    load_attacked_model,
+    save_weights,
+    to_tensor,
+    torchattacks_reference_search,
+    trained_model,
+)
+
+from advalign.attacks import (
+    AttackedFunction,
+    CWConfig,
+    PGDConfig,
+    carlini_wagner_l2,
+    chunk_dir_for,
+    minimal_epsilon_search,
+    pgd_step,
+    project_l2,
+    project_linf,
+    run_attack_job,
+)
+from advalign.columns import ATTACK_COLUMNS, EXAMPLE_ARRAYS
+from advalign.io import PipelineError
+from advalign.transforms import model_view
+
+REL_TOL = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return trained_model()
+
+
+@pytest.fixture(scope="module")
+def fn(model):
+    return AttackedFunction(model, "cpu")
+
+
+@pytest.fixture(scope="module")
+def correct_images(fn):
+    """12 held-out images the trained model classifies correctly."""
+    images, labels, _ = coloured_squares(32, seed=123)
+    x, y = to_tensor(images), torch.from_numpy(labels)
+    correct = (fn.predict(x) == y).numpy()
+    assert correct.mean() > 0.9, "the test model should be trained"
+    return x[correct][:12].contiguous(), y[correct][:12]
+
+
+def _relative_difference(a, b):
+    return np.max(np.abs(np.asarray(a) / np.asarray(b) - 1))
+
+
+# --------------------------------------------------------------------------- reference
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        PGDConfig(norm="l2"),  # relative step 2.5·ε/3, the SPEC default
+        PGDConfig(norm="l2", step_rule="fixed", step_scale=0.5, eps_max=5.0),  # the original code's fixed α
+        PGDConfig(norm="linf", eps_min=1e-4, eps_max=1.0, threshold=1e-4),
+    ],
+    ids=["l2-relative", "l2-fixed", "linf-relative"],
+)
+def test_batched_search_matches_per_image_torchattacks_loop(model, fn, correct_images, config):
+    x, y = correct_images
+    batched = minimal_epsilon_search(fn, x, y, config, batch_size=5)  # 5: batches of uneven sizes
+    reference = torchattacks_reference_search(model, x, y, config)
+    # A fixed α = 0.5 over 3 steps cannot travel past ℓ2 = 1.5: those images fail in both.
+    np.testing.assert_array_equal(batched.success, reference["success"])
+    ok = batched.success
+    assert ok.sum() >= 4
+    np.testing.assert_array_equal(batched.trials, reference["trials"])
+    assert _relative_difference(batched.epsilon[ok], reference["epsilon"][ok]) <= REL_TOL
+    delta = batched.perturbation[torch.from_numpy(ok)].flatten(1).double()
+    assert _relative_difference(delta.norm(dim=1).numpy(), reference["l2"][ok]) <= REL_TOL
+    assert _relative_difference(delta.abs().amax(dim=1).numpy(), reference["linf"][ok]) <= REL_TOL
+    np.testing.assert_array_equal(batched.adv_pred, reference["adv_pred"])
+    # The cached clean gradient saves one pass per attack and does not change the result.
+    assert (batched.grad_evals == 1 + batched.trials * (config.steps - 1)).all()
+    assert (batched.grad_evals <= reference["grad_evals"]).all()
+    # The search converged: upper − lower < threshold, and the kept example fools the model.
+    assert (fn.predict(x + batched.perturbation)[torch.from_numpy(ok)] != y[torch.from_numpy(ok)]).all()
+
+
+def test_results_do_not_depend_on_batch_size_or_random_start_stream(fn, correct_images):
+    x, y = correct_images
+    config = PGDConfig(norm="l2", random_start=True)
+    keys = np.arange(100, 100 + len(x))
+    whole = minimal_epsilon_search(fn, x, y, config, batch_size=len(x), keys=keys)
+    single = minimal_epsilon_search(fn, x, y, config, batch_size=1, keys=keys)
+    np.testing.assert_allclose(whole.epsilon, single.epsilon, rtol=REL_TOL)
+    # An image's random starts depend on its key only: a subset gives the same numbers.
+    part = minimal_epsilon_search(fn, x[3:7], y[3:7], config, batch_size=2, keys=keys[3:7])
+    np.testing.assert_allclose(part.epsilon, whole.epsilon[3:7], rtol=REL_TOL)
+    assert (whole.grad_evals == whole.trials * config.steps).all()  # no cached gradient with a random start
+
+
+# --------------------------------------------------------------------------- steps and projections
+
+
+def test_l2_projection_scales_only_what_is_outside():
+    torch.manual_seed(0)
+    delta = torch.randn(4, 3, 5, 5)
+    eps = torch.tensor([0.5, 100.0, 2.0, 1e-3])
+    projected = project_l2(delta, eps)
+    norms = projected.flatten(1).norm(dim=1)
+    assert torch.all(norms <= eps * (1 + 1e-6))
+    torch.testing.assert_close(projected[1], delta[1])  # inside the ball: unchanged
+    cosine = torch.nn.functional.cosine_similarity(projected.flatten(1), delta.flatten(1))
+    torch.testing.assert_close(cosine, torch.ones(4))  # direction kept
+    assert torch.all(project_l2(torch.zeros(2, 3, 2, 2), torch.ones(2)) == 0)
+
+
+def test_linf_projection_clips_per_image():
+    delta = torch.linspace(-1, 1, 2 * 3 * 4 * 4).view(2, 3, 4, 4)
+    eps = torch.tensor([0.1, 0.5])
+    projected = project_linf(delta, eps)
+    assert projected[0].abs().max() == pytest.approx(0.1)
+    assert projected[1].abs().max() == pytest.approx(0.5)
+    inside = delta[1].abs() <= 0.5
+    assert torch.equal(projected[1][inside], delta[1][inside])
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_pgd_step_stays_in_ball_and_in_pixel_range(norm):
+    torch.manual_seed(1)
+    x = torch.rand(3, 3, 6, 6)
+    x[0] = 1.0  # saturated pixels: the step must be clamped
+    x[1] = 0.0
+    grad = torch.randn_like(x)
+    eps = torch.tensor([0.3, 0.3, 5.0])
+    alpha = torch.tensor([1.0, 1.0, 1.0])
+    adv = x.clone()
+    for _ in range(4):
+        adv = pgd_step(adv, x, grad if norm == "l2" else grad, eps, alpha, norm)
+        assert adv.min() >= 0 and adv.max() <= 1
+        delta = (adv - x).flatten(1)
+        size = delta.norm(dim=1) if norm == "l2" else delta.abs().amax(dim=1)
+        assert torch.all(size <= eps * (1 + 1e-6))
+    if norm == "l2":
+        # Unsaturated image, large ball: each step moves exactly α along g/‖g‖ (until clamped).
+        one = pgd_step(x[2:], x[2:], grad[2:], eps[2:], alpha[2:], "l2")
+        moved = one - x[2:]
+        free = (one > 0) & (one < 1)
+        expected = grad[2:] / grad[2:].norm()
+        torch.testing.assert_close(moved[free], expected[free], rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- failures, misclassified
+
+
+def test_images_not_fooled_at_the_upper_bound_are_recorded_failures(fn, correct_images):
+    x, y = correct_images
+    reference = minimal_epsilon_search(fn, x, y, PGDConfig(norm="l2"))
+    tolerances = np.sort(reference.epsilon)
+    upper = float(tolerances[len(tolerances) // 2])  # about half the images need more than this
+    config = PGDConfig(norm="l2", eps_max=upper)
+    result = minimal_epsilon_search(fn, x, y, config)
+    failed = ~result.success
+    assert 0 < failed.sum() < len(x)
+    assert np.isnan(result.epsilon[failed]).all()
+    assert (result.perturbation[torch.from_numpy(failed)] == 0).all()
+    assert (result.trials[failed] == 1).all()  # decided by the upper-bound attack alone
+    assert (result.adv_pred[failed] == y.numpy()[failed]).all()
+    assert (result.epsilon[~failed] <= upper).all()
+    # Per-image bounds: give the failures a larger upper bound and they succeed.
+    uppers = np.where(failed, 10.0, upper)
+    rescued = minimal_epsilon_search(fn, x, y, config, upper=uppers)
+    assert rescued.success.all()
+
+
+def _stimuli(path, n=24, seed=7, size=16, flip=()):
+    images, labels, maps = coloured_squares(n, size=size, seed=seed)
+    labels = labels.copy()
+    for i in flip:  # a wrong label: the model's prediction is "incorrect"
+        labels[i] = (labels[i] + 1) % 4
+    np.savez(
+        path,
+        images=images,
+        labels=labels,
+        maps=maps,
+        has_map=np.ones(n, dtype=bool),
+        ids=np.array([f"stim_{i:05d}" for i in range(n)]),
+    )
+    return images, labels, maps
+
+
+def _job(attack="pgd_l2", spec=None, **overrides):
+    defaults = {
+        "pgd_l2": {"eps_min": 0.001, "eps_max": 10.0, "threshold": 0.01, "steps": 3},
+        "pgd_linf": {"eps_min": 0.0001, "eps_max": 1.0, "threshold": 0.001, "steps": 3},
+        "cw_l2": {"n_images": 6, "n_cnn": 1, "n_vit": 1, "steps": 30, "search_steps": 4, "c_init": 1.0, "lr": 0.01},
+    }
+    job = {
+        "attack": attack,
+        "spec": spec if spec is not None else defaults[attack],
+        "model": {"model": "tiny_cnn", "timm_name": "", "arch_class": "CNN"},
+        "batch_size": 8,
+        "chunk_size": 10,
+        "keep_examples": 5,
+        "precision": "fp32",
+        "device": "cpu",
+        "seed": 0,
+    }
+    job.update(overrides)
+    return job
+
+
+@pytest.fixture(scope="module")
+def job_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("attack_job")
+    save_weights(root / "weights.pt")
+    _stimuli(root / "stimuli.npz", flip=(2, 11))
+    return root
+
+
+def _run(root, job, name):
+    table, examples = root / f"{name}.parquet", root / f"{name}.npz"
+    run_attack_job(job, root / "stimuli.npz", root / "weights.pt", table, examples, model_loader=load_attacked_model, progress=False)
+    return pd.read_parquet(table), dict(np.load(examples))
+
+
+def test_job_writes_the_contracts_and_leaves_misclassified_images_untouched(job_files):
+    table, examples = _run(job_files, _job(precision="bf16"), "pgd_l2")
+    assert list(table.columns) == list(ATTACK_COLUMNS)
+    assert len(table) == 24 and table["image_id"].is_unique
+    assert set(table["precision"]) == {"fp32"}  # bf16 applies on CUDA only
+    assert set(table["attack"]) == {"pgd_l2"} and set(table["model"]) == {"tiny_cnn"}
+    wrong = table.loc[[2, 11]]
+    assert not wrong["attacked"].any() and not wrong["success"].any()
+    assert (wrong["grad_evals"] == 0).all() and (wrong["adv_pred"] == -1).all()
+    assert wrong[["epsilon", "l2", "linf", "alignment"]].isna().all().all()
+    attacked = table[table["attacked"]]
+    assert (attacked["clean_pred"] == attacked["label"]).all()
+    assert attacked["success"].all() and (attacked["adv_pred"] != attacked["label"]).all()
+    assert (attacked["l2"] <= attacked["epsilon"] * (1 + 1e-6)).all()
+    assert attacked["alignment"].between(-1, 1).all()
+    assert (attacked["grad_evals"] > 0).all()
+
+    assert sorted(examples) == sorted(EXAMPLE_ARRAYS)
+    assert examples["perturbations"].dtype == np.float16 and examples["perturbations"].shape == (5, 16, 16, 3)
+    assert examples["images"].dtype == np.uint8 and examples["maps"].dtype == np.float32
+    assert list(examples["image_ids"]) == list(table["image_id"][:5])
+    assert (examples["perturbations"][2] == 0).all() and not examples["success"][2]
+    assert not chunk_dir_for(job_files / "pgd_l2.parquet").exists()  # removed on success
+
+
+def test_job_transforms_images_and_maps_together(tmp_path):
+    # Stimuli larger than the model's input, and a centre crop: the map must follow the image.
+    config = dict(DATA_CONFIG, crop_pct=0.8)
+    save_weights(tmp_path / "weights.pt", data_config=config)
+    images, _, maps = _stimuli(tmp_path / "stimuli.npz", n=6, size=24)
+    table, examples = _run(tmp_path, _job(keep_examples=6), "out")
+    x, m = model_view(images, maps, config)
+    np.testing.assert_array_equal(examples["maps"], m.numpy())
+    np.testing.assert_array_equal(examples["images"], (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    assert examples["perturbations"].shape == (6, 16, 16, 3)
+
+
+def test_cw_job_attacks_the_first_n_images_only(job_files):
+    table, examples = _run(job_files, _job("cw_l2"), "cw_l2")
+    assert list(table["image_id"]) == [f"stim_{i:05d}" for i in range(6)]
+    attacked = table[table["attacked"]]
+    assert attacked["success"].all()
+    assert np.allclose(attacked["epsilon"], attacked["l2"])  # CW: ε is the ℓ2 of the minimal example
+    assert (attacked["grad_evals"] == 30 * 4).all()
+    assert len(examples["image_ids"]) == 5
+
+
+def test_cw_finds_small_fooling_perturbations(fn, correct_images):
+    x, y = correct_images
+    cw = carlini_wagner_l2(fn, x, y, CWConfig(steps=50, search_steps=5), batch_size=7)
+    assert cw.success.all()
+    delta = cw.perturbation
+    assert (fn.predict(x + delta) != y).all()
+    assert (x + delta).min() >= 0 and (x + delta).max() <= 1
+    # Minimal-ish: comparable to the bisected PGD tolerance, and 80% of it no longer fools.
+    pgd = minimal_epsilon_search(fn, x, y, PGDConfig(norm="l2"))
+    pgd_l2 = pgd.perturbation.flatten(1).norm(dim=1).numpy()
+    assert np.median(cw.epsilon / pgd_l2) < 1.1
+    still_fooled = (fn.predict(x + 0.8 * delta) != y).numpy()
+    assert still_fooled.mean() <= 0.2
+
+
+# --------------------------------------------------------------------------- the attacked function, bad inputs
+
+
+def test_attacked_function_is_frozen_eval_and_differentiates_the_input_only():
+    model = trained_model().train()
+    fn = AttackedFunction(model, "cpu", precision="tf32")
+    assert not model.training and fn.precision == "fp32" and not fn.channels_last
+    assert all(not p.requires_grad for p in model.parameters())
+    x = torch.rand(2, 3, 16, 16)
+    grad = fn.loss_gradient(x, torch.tensor([0, 1]))
+    assert grad.shape == x.shape and grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters())
+    # Summed loss: an image's gradient is the one it gets alone.
+    torch.testing.assert_close(grad[1:], fn.loss_gradient(x[1:], torch.tensor([1])), rtol=1e-4, atol=1e-7)
+
+
+def test_bad_inputs_are_one_line_pipeline_errors(job_files, tmp_path):
+    stimuli, weights = job_files / "stimuli.npz", job_files / "weights.pt"
+
+    def run(job, stimuli_path=stimuli, weights_path=weights):
+        run_attack_job(job, stimuli_path, weights_path, tmp_path / "t.parquet", tmp_path / "t.npz", model_loader=load_attacked_model, progress=False)
+
+    cases = [
+        (dict(_job(), attack="pgd_l1"), {}, "attack 'pgd_l1'"),
+        ({k: v for k, v in _job().items() if k != "seed"}, {}, "missing key"),
+        (_job(spec={"eps_min": 1.0, "eps_max": 0.5}), {}, "eps_min < eps_max"),
+        (_job(spec={"eps_mx": 1.0}), {}, "unknown PGD parameter"),
+        (_job(precision="fp8"), {}, "precision"),
+        (_job(), {"stimuli_path": tmp_path / "absent.npz"}, "stimulus file not found"),
+        (_job(), {"weights_path": tmp_path / "absent.pt"}, "model weights not found"),
+    ]
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, images=np.zeros((2, 4, 4, 3), dtype=np.float32), labels=np.zeros(2), maps=np.zeros((2, 4, 4)), has_map=np.ones(2, bool), ids=np.array(["a", "b"]))
+    cases.append((_job(), {"stimuli_path": bad}, "images must be uint8"))
+    (tmp_path / "junk.npz").write_text("not a zip")
+    cases.append((_job(), {"stimuli_path": tmp_path / "junk.npz"}, "not a readable NPZ"))
+    for job, paths, message in cases:
+        with pytest.raises(PipelineError, match=message) as info:
+            run(job, **paths)
+        assert "\n" not in str(info.value)
+    if not torch.cuda.is_available():
+        with pytest.raises(PipelineError, match="no CUDA GPU"):
+            run(_job(device="cuda"))
+
+
+def test_configs_are_plain_and_serialisable():
+    config = PGDConfig.from_spec("l2", {"eps_max": 4.0, "random_start": True})
+    assert json.loads(json.dumps(dataclasses.asdict(config)))["eps_max"] == 4.0
+    assert CWConfig.from_spec({"n_images": 3, "steps": 7}).steps == 7

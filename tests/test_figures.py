@@ -1,0 +1,170 @@
+"""Every figure renders to a sane PNG + PDF from fabricated inputs; bad inputs are one-line errors."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from advalign.figures import (
+    SCATTER_SPECS,
+    load_examples,
+    qualitative_figure,
+    resolve_style,
+    scatter_data,
+    scatter_figure,
+    select_images,
+    select_models,
+)
+from advalign.io import PipelineError
+from advalign.stats import build_model_table, prepare_table
+from fake_results import write_fake_results
+
+QUALITATIVE = ("fig5", "figS1", "figS2")
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fake")
+    results = write_fake_results(root, n_images=24, image_size=16, cw_images=12)
+    table = build_model_table(results["zoo_rows"], results["attack_paths"], results["metrics_paths"])
+    table.to_csv(root / "table.csv", index=False)
+    results["table"] = pd.read_csv(root / "table.csv")
+    results["pgd_examples"] = [p for p in results["example_paths"] if "/pgd_l2/" in p]
+    results["pgd_tables"] = [p for p in results["attack_paths"] if "/pgd_l2/" in p]
+    return results
+
+
+def check_outputs(png, pdf, min_width=600, min_height=400):
+    assert pdf.stat().st_size > 5000 and pdf.read_bytes().startswith(b"%PDF")
+    with Image.open(png) as image:
+        width, height = image.size
+        assert image.format == "PNG"
+        assert min_width <= width <= 6000 and min_height <= height <= 6000
+        pixels = np.asarray(image.convert("L"))
+    assert pixels.std() > 10  # not blank
+
+
+@pytest.mark.parametrize("fig", sorted(SCATTER_SPECS))
+def test_scatter_figures_render(fake, tmp_path, fig):
+    png, pdf = tmp_path / f"{fig}.png", tmp_path / f"{fig}.pdf"
+    scatter_figure(fig, fake["table"], {"dpi": 100}, png, pdf)
+    check_outputs(png, pdf)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([png.name, pdf.name])  # nothing temporary left
+
+
+def render_qualitative(fake, fig, png, pdf, **kwargs):
+    qualitative_figure(fig, fake["table"], pd.read_csv(fake["classes"]), fake["pgd_examples"],
+                       kwargs.pop("style", {"dpi": 80}), kwargs.pop("n_images", 3), kwargs.pop("n_models", 4),
+                       png, pdf, attack_paths=kwargs.pop("attack_paths", fake["pgd_tables"]))
+
+
+@pytest.mark.parametrize("fig", QUALITATIVE)
+def test_qualitative_figures_render(fake, tmp_path, fig):
+    png, pdf = tmp_path / f"{fig}.png", tmp_path / f"{fig}.pdf"
+    render_qualitative(fake, fig, png, pdf)
+    check_outputs(png, pdf, min_width=400, min_height=300)
+
+
+def test_qualitative_figure_finds_attack_tables_next_to_examples(fake, tmp_path):
+    png, pdf = tmp_path / "fig5.png", tmp_path / "fig5.pdf"
+    render_qualitative(fake, "fig5", png, pdf, attack_paths=None)
+    check_outputs(png, pdf, min_width=400, min_height=300)
+
+
+def test_figures_are_deterministic(fake, tmp_path):
+    for run in ("a", "b"):
+        scatter_figure("fig4", fake["table"], {"dpi": 80}, tmp_path / f"{run}.png", tmp_path / f"{run}.pdf")
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    assert (tmp_path / "a.pdf").read_bytes() == (tmp_path / "b.pdf").read_bytes()
+
+
+def test_style_overrides(fake, tmp_path):
+    scatter_figure("fig2", fake["table"], {"dpi": 50, "figsize": [6, 4]}, tmp_path / "s.png", tmp_path / "s.pdf")
+    with Image.open(tmp_path / "s.png") as image:
+        assert image.size == (300, 200)
+    with pytest.raises(PipelineError, match="unknown key 'colour'"):
+        resolve_style({"colour": "red"})
+    assert resolve_style({"colors": {"ViT": "black"}})["colors"]["CNN"] == "#1f5fa8"
+
+
+def test_scatter_data_pairs_the_right_rows(fake):
+    table = prepare_table(fake["table"])
+    s4 = scatter_data(SCATTER_SPECS["figS4"], table)
+    cw = table[table["attack"] == "cw_l2"].set_index("model")
+    pgd = table[table["attack"] == "pgd_l2"].set_index("model")
+    assert sorted(s4.index) == sorted(cw.index)  # only the CW subset
+    assert s4["y"].to_dict() == pytest.approx(cw["tolerance"].to_dict())
+    assert s4["x"].to_dict() == pytest.approx(pgd.loc[cw.index, "tolerance"].to_dict())
+    fig2 = scatter_data(SCATTER_SPECS["fig2"], table)
+    assert len(fig2) == len(pgd) and fig2["y_se"].to_dict() == pytest.approx(pgd["tolerance_se"].to_dict())
+
+
+def test_model_selection(fake):
+    table = prepare_table(fake["table"])
+    available = set(table["model"])
+    vits = select_models("figS1", table, available, 3, resolve_style({}))
+    assert vits == ["maxvit_tiny", "vit_base", "eva_giant"]  # three most accurate standard ViTs
+    assert select_models("figS1", table, available, 9, resolve_style({"min_accuracy": 84})) == ["vit_base", "eva_giant"]
+    variety = select_models("fig5", table, available, 6, resolve_style({}))
+    kinds = table.drop_duplicates("model").set_index("model").loc[variety, "training"]
+    assert len(variety) == 6 and {"harmonized", "robust", "standard"} <= set(kinds)
+    pgd = table[table["attack"] == "pgd_l2"].set_index("model")
+    most_aligned = pgd[pgd["training"] == "harmonized"]["alignment"].idxmax()
+    assert most_aligned in variety and pgd.loc[most_aligned, "base_model"] in variety  # with its base
+    assert kinds.iloc[-1] == "harmonized"  # derived models are shown after the zoo
+    with pytest.raises(PipelineError, match="no standard ViT"):
+        select_models("figS1", table, available, 3, resolve_style({"min_accuracy": 95}))
+
+
+def test_s1_and_s2_show_different_images(fake):
+    examples = {m: load_examples(p) for p in fake["pgd_examples"] for m in [p.rsplit("/", 1)[1][:-4]]
+                if m in ("vit_base", "eva_giant")}
+    manifest = pd.read_csv(fake["manifest"]).set_index("image_id")
+    first = select_images("figS1", examples, manifest, 4)
+    second = select_images("figS2", examples, manifest, 4)
+    assert len(first) == len(second) == 4 and not set(first) & set(second)
+    assert [manifest.loc[i, "animate"] for i in first] == [True, False, True, False]  # categories alternate
+
+
+def test_bad_inputs_are_pipeline_errors(fake, tmp_path):
+    png, pdf = tmp_path / "x.png", tmp_path / "x.pdf"
+    with pytest.raises(PipelineError, match="not a scatter figure"):
+        scatter_figure("fig9", fake["table"], {}, png, pdf)
+    with pytest.raises(PipelineError, match="missing column"):
+        scatter_figure("fig2", fake["table"].drop(columns=["tolerance"]), {}, png, pdf)
+    cw_free = fake["table"][fake["table"]["attack"] != "cw_l2"]
+    with pytest.raises(PipelineError, match="no model has both"):
+        scatter_figure("figS4", cw_free, {}, png, pdf)
+    with pytest.raises(PipelineError, match="not a qualitative figure"):
+        render_qualitative(fake, "fig2", png, pdf)
+    with pytest.raises(PipelineError, match="no l2-PGD example"):
+        qualitative_figure("fig5", fake["table"], pd.read_csv(fake["classes"]), [], {}, 2, 2, png, pdf)
+    classes = pd.read_csv(fake["classes"]).iloc[:3]
+    with pytest.raises(PipelineError, match="not in classes.csv"):
+        qualitative_figure("fig5", fake["table"], classes, fake["pgd_examples"], {}, 2, 2, png, pdf,
+                           attack_paths=fake["pgd_tables"])
+    broken = tmp_path / "pgd_l2" / "vgg16.npz"
+    broken.parent.mkdir()
+    np.savez(broken, image_ids=np.array(["a"]), images=np.zeros((1, 4, 4, 3), np.uint8))
+    with pytest.raises(PipelineError, match="missing array"):
+        load_examples(broken)
+    assert not png.exists() and not pdf.exists()
+
+
+@pytest.mark.parametrize("fig", ["fig4", "figS1"])
+def test_figure_scripts_end_to_end(fake, tmp_path, fig):
+    """The thin workflow scripts call the figure functions with what the rules give them."""
+    from fake_results import run_script
+
+    table = tmp_path / "model_attack_table.csv"
+    fake["table"].to_csv(table, index=False)
+    outputs = {"png": str(tmp_path / f"{fig}.png"), "pdf": str(tmp_path / f"{fig}.pdf")}
+    if fig in QUALITATIVE:
+        run_script("qualitative_figure.py", tmp_path / "log", output=outputs,
+                   input={"table": str(table), "classes": fake["classes"], "examples": fake["pgd_examples"],
+                          "attacks": fake["pgd_tables"]},
+                   params={"figure": fig, "style": {"dpi": 60}, "n_images": 2, "n_models": 3})
+    else:
+        run_script("scatter_figure.py", tmp_path / "log", input={"table": str(table)}, output=outputs,
+                   params={"figure": fig, "style": {"dpi": 60}})
+    check_outputs(tmp_path / f"{fig}.png", tmp_path / f"{fig}.pdf", min_width=200, min_height=150)

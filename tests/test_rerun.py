@@ -1,0 +1,158 @@
+"""Reruns only what changed, read from Snakemake's own plan.
+
+After one complete run of the tiny config (the session's `tiny_run`, shared with
+test_workflow.py), each test adds one change as an extra config file on top of it
+and asks `snakemake -n` which jobs it would run. Dry runs write no outputs, so the
+tests do not disturb each other or the shared run.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from advalign import columns
+from conftest import snakemake
+
+pytestmark = pytest.mark.slow
+
+FIGURE_RULES = {f"figure_{fig}" for fig in columns.FIGURES}
+# Everything downstream of the per-model results: re-planned whenever any model's
+# attack or training output is re-planned ("all" has no job of its own to run).
+AGGREGATE_RULES = {"model_table", "statistical_tests", "claims", "table_s1", "table_s2", "all"} | FIGURE_RULES
+PER_MODEL_RULES = {"train", "attack"}
+
+_JOB_HEADER = re.compile(r"^(?:local)?(?:rule|checkpoint) (\S+):$")
+_STATS_ROW = re.compile(r"^(\S+)\s+(\d+)$")
+
+
+class Plan:
+    """The jobs of a `snakemake -n` run: (rule, wildcards) for each job block, checked
+    against the "Job stats" table that Snakemake prints under them."""
+
+    def __init__(self, output: str):
+        self.output = output
+        self.jobs: list[tuple[str, dict[str, str]]] = []
+        rule = None
+        wildcards: dict[str, str] = {}
+        for line in output.splitlines():
+            header = _JOB_HEADER.match(line)
+            if header:
+                if rule is not None:
+                    self.jobs.append((rule, wildcards))
+                rule, wildcards = header.group(1), {}
+            elif rule is not None and line.strip().startswith("wildcards:"):
+                pairs = line.split(":", 1)[1].split(",")
+                wildcards = dict(pair.strip().split("=", 1) for pair in pairs if "=" in pair)
+            elif rule is not None and not line.startswith((" ", "\t")):
+                self.jobs.append((rule, wildcards))
+                rule = None
+        if rule is not None:
+            self.jobs.append((rule, wildcards))
+        self.counts = self._job_stats()
+        planned = {}
+        for name, _ in self.jobs:
+            planned[name] = planned.get(name, 0) + 1
+        assert planned == self.counts, f"job blocks {planned} disagree with the Job stats table {self.counts}"
+
+    def _job_stats(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        lines = self.output.splitlines()
+        for i, line in enumerate(lines):
+            if line.strip() != "Job stats:":
+                continue
+            for row in lines[i + 3 :]:  # "Job stats:", header, dashes
+                match = _STATS_ROW.match(row.strip())
+                if not match:
+                    break
+                if match.group(1) != "total":
+                    counts[match.group(1)] = int(match.group(2))
+            break
+        return counts
+
+    @property
+    def rules(self) -> set[str]:
+        return set(self.counts)
+
+    def per_model(self) -> list[tuple[str, str, str | None]]:
+        """(rule, model, attack) of every training and attack job."""
+        return sorted(
+            (rule, wc["model"], wc.get("attack")) for rule, wc in self.jobs if rule in PER_MODEL_RULES
+        )
+
+    def describe(self) -> str:
+        return "\n".join(f"{rule} {wc}" for rule, wc in self.jobs) or "(nothing)"
+
+
+def plan(run, tmp_path: Path, change: dict | None = None) -> Plan:
+    args = ["-n", *run.config_args()]
+    if change is not None:
+        overlay = tmp_path / "change.yaml"
+        overlay.write_text(yaml.safe_dump(change))
+        args += [str(overlay)]  # a second --configfile value, merged on top of the tiny config
+    proc = snakemake(run.workdir, *args)
+    return Plan(proc.stdout + proc.stderr)
+
+
+def tiny_config(run) -> dict:
+    from advalign.config import load_config
+
+    return load_config(run.path(run.configfile))
+
+
+def attacked_models(run, attack: str) -> list[str]:
+    return sorted(p.stem for p in run.path(f"results/attacks/{attack}").glob("*.parquet"))
+
+
+def assert_only(result: Plan, per_model: list, rules: set[str]) -> None:
+    assert result.per_model() == sorted(per_model), result.describe()
+    assert result.rules - PER_MODEL_RULES == rules, result.describe()
+    assert all(n == 1 for r, n in result.counts.items() if r not in PER_MODEL_RULES), result.counts
+
+
+def test_nothing_changed_plans_nothing(tiny_run, tmp_path):
+    result = plan(tiny_run, tmp_path)
+    assert result.jobs == [], result.describe()
+    assert "Nothing to be done" in result.output
+
+
+def test_one_models_attack_parameter_reruns_that_attack_and_the_aggregates(tiny_run, tmp_path):
+    model = attacked_models(tiny_run, "pgd_l2")[0]
+    steps = tiny_config(tiny_run)["attacks"]["pgd_l2"]["steps"]
+    change = {"attacks": {"overrides": {model: {"pgd_l2": {"steps": steps + 1}}}}}
+    result = plan(tiny_run, tmp_path, change)
+    assert_only(result, [("attack", model, "pgd_l2")], AGGREGATE_RULES)
+    reason = re.search(r"reason: (.*)", result.output[result.output.index("rule attack:") :]).group(1)
+    assert "Params have changed" in reason, reason
+
+
+def test_figure_style_replots_only_that_figure(tiny_run, tmp_path):
+    change = {"figures": {"style": {"fig2": {"marker_size": 31}}}}
+    result = plan(tiny_run, tmp_path, change)
+    assert_only(result, [], {"figure_fig2", "all"})
+
+
+def test_new_model_runs_only_its_own_jobs_and_the_aggregates(tiny_run, tmp_path):
+    config = tiny_config(tiny_run)
+    source = tiny_run.path(config["zoo"]["table"])
+    with source.open(newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if not row[next(iter(row))].startswith("#")]
+    template = next(r for r in rows if r["arch_class"] == "CNN")
+    new_model = f"{template['model']}_added"
+    extended = tmp_path / "zoo_plus_one.csv"
+    with extended.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows + [{**template, "model": new_model}])
+    result = plan(tiny_run, tmp_path, {"zoo": {"table": str(extended)}})
+
+    per_model = result.per_model()
+    assert ("train", new_model, None) in per_model, result.describe()
+    assert ("attack", new_model, "pgd_l2") in per_model, result.describe()
+    assert {model for _, model, _ in per_model} == {new_model}, result.describe()
+    assert {attack for _, _, attack in per_model} - {None} <= set(config["attacks"]["enabled"])
+    assert result.rules - PER_MODEL_RULES == AGGREGATE_RULES, result.describe()

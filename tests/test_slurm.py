@@ -1,0 +1,187 @@
+"""The workflow on a real single-node SLURM cluster, through `snakemake --profile slurm`.
+
+.ci/slurm/ installs slurm-wlm + munge from Debian (root + apt-get), starts munged,
+slurmctld and slurmd by hand with one fake GPU, and stops exactly the daemons it
+started. A tiny config then runs in a private copy of the repository, so every
+non-local job really goes through sbatch; the test checks the outputs and which jobs
+SLURM saw (squeue keeps finished jobs for MinJobAge = 300 s), and prints those lines
+into the test log.
+
+One deviation from the profile as committed: conda channels cannot be reached here,
+so the copy's slurm/config.yaml loses its `software-deployment-method: conda` line
+and jobs run in the current environment (see test_profile_uses_conda).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, copy_repo
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+CI_SLURM = REPO / ".ci" / "slurm"
+STATE_DIR = Path(os.environ.get("ADVALIGN_SLURM_STATE", "/run/advalign-slurm"))
+DAEMONS = ("munged", "slurmctld", "slurmd")
+# The smallest config that still runs every stage; tiny.yaml when the suite has one.
+SLURM_CONFIG = "tests/configs/slurm_tiny.yaml"
+RUN_TIMEOUT_S = 600
+# Rules that must go through sbatch, and rules that must not (localrule).
+REMOTE_RULES = {"synthetic_data", "train", "attack"}
+GPU_RULES = {"train", "attack"}
+
+
+def say(request, text: str) -> None:
+    """Write straight to the terminal (and so to the CI log), past pytest's capture."""
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    for line in text.rstrip().splitlines():
+        reporter.write_line(f"[slurm] {line}") if reporter else print(f"[slurm] {line}")
+
+
+def _ours_running() -> bool:
+    for name in DAEMONS:
+        pid_file = STATE_DIR / f"{name}.pid"
+        try:
+            os.kill(int(pid_file.read_text()), 0)
+        except (OSError, ValueError):
+            return False
+    return True
+
+
+def _run(cmd: list[str], timeout: int, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "STATE_DIR": str(STATE_DIR)}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(request):
+    """An idle single-node cluster; stops the daemons afterwards only if it started them."""
+    if os.geteuid() != 0:
+        pytest.skip("a real SLURM needs root (to install packages and start munged/slurmctld/slurmd)")
+    if not shutil.which("sbatch") and not shutil.which("apt-get"):
+        pytest.skip("SLURM is not installed and there is no apt-get to install it from Debian")
+
+    started = time.time()
+    install = _run(["bash", str(CI_SLURM / "install.sh")], timeout=900)
+    if install.returncode == 3:
+        pytest.skip(f"cannot install SLURM here: {install.stderr.strip()}")
+    assert install.returncode == 0, install.stdout + install.stderr
+    say(request, f"{install.stdout.strip()} ({time.time() - started:.1f} s)")
+
+    reused = _ours_running()
+    started = time.time()
+    start = _run(["bash", str(CI_SLURM / "start.sh")], timeout=120)
+    if start.returncode == 2:
+        pytest.skip(f"a SLURM this suite did not start is in the way: {start.stderr.strip()}")
+    assert start.returncode == 0, start.stdout + start.stderr
+    say(request, f"{start.stdout.strip()} (start.sh took {time.time() - started:.1f} s)")
+    try:
+        yield
+    finally:
+        if not reused:
+            stop = _run(["bash", str(CI_SLURM / "stop.sh")], timeout=60)
+            say(request, stop.stdout + stop.stderr)
+            for name in DAEMONS:
+                assert not (STATE_DIR / f"{name}.pid").exists(), f"{name} was not stopped"
+
+
+def slurm_profile_without_conda(workdir: Path) -> dict:
+    """Drop the one key this machine cannot honour; everything else is the committed profile."""
+    profile = workdir / "slurm" / "config.yaml"
+    text = profile.read_text()
+    kept = [line for line in text.splitlines() if not line.startswith("software-deployment-method:")]
+    assert len(kept) == len(text.splitlines()) - 1, "expected exactly one software-deployment-method line"
+    profile.write_text("\n".join(kept) + "\n")
+    return yaml.safe_load(profile.read_text())
+
+
+def squeue_lines(since_job_id: int) -> list[dict]:
+    """Every job of this run that SLURM knows about, finished ones included."""
+    fields = ",".join(f"{f}:0|" for f in ("JobID", "State", "Comment", "tres-per-job", "MinMemory", "NumCPUs", "TimeLimit", "Name"))
+    out = subprocess.run(
+        ["squeue", "--states=all", "--noheader", "-O", fields], capture_output=True, text=True, check=True
+    ).stdout
+    jobs = []
+    for line in out.splitlines():
+        parts = [p.strip() for p in line.split("|")]
+        if len(parts) < 8 or not parts[0].isdigit() or int(parts[0]) <= since_job_id:
+            continue
+        job_id, state, comment, tres, mem, cpus, limit, name = parts[:8]
+        rule = re.match(r"rule_(.+?)(_wildcards_.*)?$", comment)
+        jobs.append(
+            dict(id=int(job_id), state=state, rule=rule.group(1) if rule else comment, comment=comment,
+                 tres=tres, mem=mem, cpus=cpus, limit=limit, name=name, line=line.rstrip("|"))
+        )
+    return jobs
+
+
+def last_job_id() -> int:
+    out = subprocess.run(["squeue", "--states=all", "--noheader", "-o", "%i"], capture_output=True, text=True)
+    ids = [int(i) for i in out.stdout.split() if i.isdigit()]
+    return max(ids, default=0)
+
+
+def test_profile_uses_conda():
+    """The committed profile deploys envs/*.yaml with conda; only the CI run drops it."""
+    profile = yaml.safe_load((REPO / "slurm" / "config.yaml").read_text())
+    assert profile["executor"] == "slurm"
+    assert profile["software-deployment-method"] == "conda"
+    for rule in GPU_RULES:
+        assert profile["set-resources"][rule]["gpu"] == 1, rule
+    assert "slurm_extra" not in str(profile["set-resources"])
+
+
+def test_workflow_runs_through_sbatch(request, slurm_cluster, tmp_path):
+    workdir = copy_repo(tmp_path / "repo")
+    profile = slurm_profile_without_conda(workdir)
+    assert profile["executor"] == "slurm"
+    first_job = last_job_id()
+
+    cmd = [
+        "timeout", "-k", "10", str(RUN_TIMEOUT_S),
+        sys.executable, "-m", "snakemake",
+        "--profile", "slurm",  # found as ./slurm/config.yaml, exactly as a user types it
+        "--configfile", SLURM_CONFIG,
+        # Status checks every 5 s instead of the profile's 20 s: the jobs take seconds.
+        "--slurm-init-seconds-before-status-checks", "5",
+    ]
+    started = time.time()
+    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=RUN_TIMEOUT_S + 30)
+    seconds = time.time() - started
+    jobs = squeue_lines(first_job)
+    say(request, f"snakemake --profile slurm: rc={proc.returncode} in {seconds:.0f} s, {len(jobs)} SLURM jobs")
+    say(request, "\n".join(j["line"] for j in sorted(jobs, key=lambda j: j["id"])))
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{log[-8000:]}"
+
+    # Every requested output exists.
+    dry = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--configfile", SLURM_CONFIG],
+        cwd=workdir, capture_output=True, text=True, timeout=120,
+    )
+    assert "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-3000:]
+    for relative in ("results/stats/model_attack_table.csv", "results/tables/claims.csv", "figures/fig2.png"):
+        assert (workdir / relative).stat().st_size > 0, relative
+
+    # Which jobs SLURM ran: every data/training/attack job and nothing else, all completed,
+    # the GPU rules with one GPU each (the fake gres), the others with none.
+    submitted = re.findall(r"Job \d+ has been submitted with SLURM jobid (\d+)", log)
+    assert jobs, "squeue shows no job of this run"
+    assert len(jobs) == len(submitted), (submitted, [j["line"] for j in jobs])
+    assert {j["rule"] for j in jobs} == REMOTE_RULES, [j["line"] for j in jobs]
+    assert all(j["state"] == "COMPLETED" for j in jobs), [j["line"] for j in jobs]
+    assert all(j["name"].startswith("advalign_") for j in jobs)
+    for job in jobs:
+        wants_gpu = job["rule"] in GPU_RULES
+        assert ("gpu:1" in job["tres"]) == wants_gpu, job["line"]
+    local = set(re.findall(r"^localrule (\w+):", log, flags=re.M))
+    assert {"model_table", "claims", "figure_fig2"} <= local, sorted(local)

@@ -1,0 +1,50 @@
+# Paper mode: pretrained timm weights, fetched once into a local cache where the
+# network is (a localrule runs on the submitting host, e.g. the SLURM login
+# node); attack jobs on compute nodes load strictly from the cache.
+
+if not SYNTHETIC:
+    from advalign.weights import check_zoo_timm_names, missing_cached_weights
+
+    WEIGHTS_CACHE = config["data"]["paper"]["weights_cache"]
+    CACHED_MODELS = [m for m in MODELS if not is_trained(m)]
+
+    try:
+        # An unknown architecture or pretrained tag is a planning error, not a job failure.
+        check_zoo_timm_names(ZOO_ROWS[m] for m in CACHED_MODELS)
+        if not config["data"]["paper"]["fetch_weights"]:
+            missing = missing_cached_weights(WEIGHTS_CACHE, CACHED_MODELS)
+            if missing:
+                raise PipelineError(
+                    f"{WEIGHTS_CACHE}/{missing[0]}.pth: pretrained weights of model '{missing[0]}' "
+                    f"are not in the weights cache ({len(missing)} model(s) missing) and "
+                    "data.paper.fetch_weights is false"
+                )
+    except PipelineError as exc:
+        raise WorkflowError(str(exc)) from None
+
+    localrules:
+        weights_cache,
+
+    rule weights_cache:
+        # Target: every cached file. `snakemake --configfile config/paper.yaml weights_cache`
+        input:
+            [model_weights(m) for m in CACHED_MODELS],
+
+    if config["data"]["paper"]["fetch_weights"]:
+
+        localrules:
+            fetch_weights,
+
+        rule fetch_weights:
+            output:
+                f"{WEIGHTS_CACHE}/{{model}}.pth",
+            params:
+                model=lambda wildcards: model_row(wildcards.model),
+            wildcard_constraints:
+                model="|".join(map(re.escape, CACHED_MODELS)) if CACHED_MODELS else "NO_MODELS",
+            log:
+                "logs/weights/{model}.log",
+            conda:
+                "../../envs/torch.yaml"
+            script:
+                "../scripts/fetch_weights.py"
