@@ -134,7 +134,8 @@ def write_fake_results(root, n_images: int = 40, image_size: int = 16, cw_images
             metrics_paths.append(str(path))
         means[model] = (tolerance, alignment)
 
-        cw_models = [m for m, a, *_ in STANDARD_MODELS if a == "CNN"][:4] + [m for m, a, *_ in STANDARD_MODELS if a == "ViT"][:4]
+        cw_models = [m for m, a, *_ in STANDARD_MODELS if a == "CNN"][:4]
+        cw_models += [m for m, a, *_ in STANDARD_MODELS if a == "ViT"][:4]
         for attack in ("pgd_l2", "pgd_linf", "cw_l2"):
             if attack == "cw_l2" and model not in cw_models:
                 continue

@@ -107,8 +107,12 @@ def _planning_error(workdir, override) -> str:
     proc = snakemake(workdir, "-n", "--configfile", "config/paper.yaml", override, check=False)
     assert proc.returncode != 0
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
-    # Snakemake's WorkflowError header, our one line, and where it was raised.
-    errors = [line for line in lines if "WorkflowError" not in line and not line.startswith("  File")]
+    # Snakemake's notes, its WorkflowError header, our one line, and where it was raised.
+    errors = [
+        line
+        for line in lines
+        if "WorkflowError" not in line and not line.startswith(("  File", "Config file"))
+    ]
     assert len(errors) == 1, lines
     return errors[0]
 

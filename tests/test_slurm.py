@@ -58,7 +58,8 @@ def _ours_running() -> bool:
 
 
 def _run(cmd: list[str], timeout: int, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "STATE_DIR": str(STATE_DIR)}
+    # Two fake GPUs: two training/attack jobs side by side, one per core.
+    env = {**os.environ, "STATE_DIR": str(STATE_DIR), "FAKE_GPUS": "2"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
 
 

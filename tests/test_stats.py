@@ -203,7 +203,8 @@ def test_spearman_p_on_larger_sets_is_scipys(fake):
 
 def test_three_models_cannot_be_significant():
     """n = 3 with a perfect rank correlation: exact p = 1/3, where the t approximation would say 0."""
-    table = model_table([dict(model=m, accuracy=a, tolerance=t) for m, a, t in (("a", 70, 1), ("b", 75, 2), ("c", 80, 3))])
+    rows = (("a", 70, 1), ("b", 75, 2), ("c", 80, 3))
+    table = model_table([dict(model=m, accuracy=a, tolerance=t) for m, a, t in rows])
     test = by_name(run_tests(table, []))["rho_accuracy_tolerance_l2"]
     assert test["statistic"] == pytest.approx(1.0) and test["p_value"] == pytest.approx(1 / 3)
 

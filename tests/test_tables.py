@@ -163,3 +163,27 @@ def test_script_turns_pipeline_error_into_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: model table: missing column(s)") and "Traceback" not in "\n".join(err)
     assert not (tmp_path / "s1.csv").exists()
+
+
+def test_harmonized_vs_robust_falls_back_to_the_base_family(fake):
+    """Paper mode: harmonized ResNet50 (base resnet50) vs robust ResNetV2-50s (base resnetv2_50)."""
+    table = fake["table"].copy()
+    extra = table[table["model"] == "resnet50"].assign(model="resnetv2_50")
+    table = pd.concat([table, extra], ignore_index=True)
+    robust = table["training"] == "robust"
+    table.loc[robust, "base_model"] = "resnetv2_50"
+    claims = claims_table(fake["tests"], table)
+    rows = claims[claims["claim"].str.startswith("l2 tolerance of the")]
+    assert len(rows) == 2 and rows["recomputed_value"].notna().all()
+    assert "base resnet50" in rows["note"].iloc[0] and "base resnetv2_50" in rows["note"].iloc[0]
+    table.loc[robust, "base_model"] = "vgg16"  # a different family: no pair
+    claims = claims_table(fake["tests"], table)
+    rows = claims[claims["claim"].str.startswith("l2 tolerance of the")]
+    assert rows["recomputed_value"].isna().all() and rows["paper_value"].notna().all()
+
+
+def test_every_claim_has_a_paper_value(fake):
+    claims = claims_table(fake["tests"], fake["table"])
+    assert claims["paper_value"].notna().all()
+    directional = claims[claims["claim"].str.contains("direction only")]
+    assert len(directional) >= 3 and set(directional["paper_value"]) <= {1.0, -1.0}

@@ -113,7 +113,7 @@ class AttackedFunction:
     __call__ = logits
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.inference_mode():
             return self.logits(x).argmax(dim=1)
 
     def loss_gradient(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

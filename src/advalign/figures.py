@@ -165,7 +165,8 @@ def _rc(style):
 
 def scatter_data(spec: ScatterSpec, table: pd.DataFrame) -> pd.DataFrame:
     """One row per model: x, y, their SEs, and the model's metadata."""
-    meta = table.drop_duplicates("model").set_index("model")[["arch_class", "family", "training", "base_model", "accuracy"]]
+    meta_columns = ["arch_class", "family", "training", "base_model", "accuracy"]
+    meta = table.drop_duplicates("model").set_index("model")[meta_columns]
     columns = {}
     for axis_name, axis in (("x", spec.x), ("y", spec.y)):
         rows = table[table["attack"] == axis.attack].set_index("model")
@@ -235,7 +236,9 @@ def scatter_figure(fig: str, table: pd.DataFrame, style: dict, png, pdf) -> None
     table = prepare_table(table)
     data = scatter_data(spec, table)
     if data.empty:
-        raise PipelineError(f"{fig}: no model has both {spec.x.attack} {spec.x.value} and {spec.y.attack} {spec.y.value}")
+        raise PipelineError(
+            f"{fig}: no model has both {spec.x.attack} {spec.x.value} and {spec.y.attack} {spec.y.value}"
+        )
 
     with plt.rc_context(_rc(style)):
         figure, ax = plt.subplots(figsize=tuple(style["figsize"]), layout="constrained")
@@ -349,13 +352,15 @@ def _legend_handles(data, style, arrows: int, spec: ScatterSpec) -> list:
         if (data["training"] == kind).any():
             size = 7 * math.sqrt(MARKER_SCALE[kind])
             hollow = kind == "control"
-            handles.append(Line2D([], [], ls="", marker=marker, markersize=size, markerfacecolor="white" if hollow else "0.6",
+            handles.append(Line2D([], [], ls="", marker=marker, markersize=size,
+                                  markerfacecolor="white" if hollow else "0.6",
                                   markeredgecolor="0.3" if hollow else "black", label=KIND_LABELS[kind]))
     if arrows:
         handles.append(Line2D([], [], color="0.15", lw=1.0, marker=">", markevery=[1], label="base → harmonized"))
     if spec.pareto:
         handles.append(Line2D([], [], color="0.35", lw=1.2, ls="--", label="Pareto front of\nunharmonized models"))
-        handles.append(Patch(facecolor="0.5", alpha=0.08, edgecolor="none", label="dominated by an\nunharmonized model"))
+        handles.append(Patch(facecolor="0.5", alpha=0.08, edgecolor="none",
+                             label="dominated by an\nunharmonized model"))
     if spec.identity:
         handles.append(Line2D([], [], color="0.6", lw=0.9, ls=":", label="y = x"))
     if data[["x_se", "y_se"]].notna().any().any():
@@ -390,7 +395,8 @@ def load_examples(path) -> dict:
     shapes = {key: arrays[key].shape for key in EXAMPLE_ARRAYS}
     if any(shape[0] != k for shape in shapes.values()) or arrays["perturbations"].ndim != 4 or arrays["maps"].ndim != 3:
         raise PipelineError(f"{path}: inconsistent example array shapes {shapes}")
-    if arrays["perturbations"].shape[1:3] != arrays["maps"].shape[1:] or arrays["images"].shape != arrays["perturbations"].shape:
+    same_size = arrays["perturbations"].shape[1:3] == arrays["maps"].shape[1:]
+    if not same_size or arrays["images"].shape != arrays["perturbations"].shape:
         raise PipelineError(f"{path}: images, maps and perturbations differ in size {shapes}")
     arrays["image_ids"] = arrays["image_ids"].astype(str)
     arrays["row"] = {image_id: i for i, image_id in enumerate(arrays["image_ids"])}
@@ -401,7 +407,8 @@ def _as_bool(values: pd.Series) -> pd.Series:
     mapping = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
     as_text = values.astype(str).str.strip().str.lower()
     if not as_text.isin(mapping).all():
-        raise PipelineError(f"classes: column 'animate' must be boolean, found {sorted(set(as_text) - set(mapping))[:3]}")
+        found = sorted(set(as_text) - set(mapping))[:3]
+        raise PipelineError(f"classes: column 'animate' must be boolean, found {found}")
     return as_text.map(mapping)
 
 

@@ -42,7 +42,9 @@ BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
 MIN_MODELS_FOR_RHO = 3  # with two points a rank correlation is +-1 by construction
 EXACT_P_MAX_MODELS = 8  # up to 8! = 40320 rank pairings: exact p; beyond, scipy's t approximation
-REQUIRED_ZOO_KEYS = ("model", "arch_class", "family", "training", "base_model", "harmonizer_lambda", "robust_eps", "top1")
+REQUIRED_ZOO_KEYS = (
+    "model", "arch_class", "family", "training", "base_model", "harmonizer_lambda", "robust_eps", "top1",
+)
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -127,7 +129,9 @@ def read_attack_file(path, columns=None) -> pd.DataFrame:
         if found[0] != expected:
             raise PipelineError(f"{path}: file is for {column} {found[0]!r} but its path says {expected!r}")
     if frame["attack"].iloc[0] not in ATTACKS:
-        raise PipelineError(f"{path}: unknown attack {frame['attack'].iloc[0]!r} (expected one of {', '.join(ATTACKS)})")
+        raise PipelineError(
+            f"{path}: unknown attack {frame['attack'].iloc[0]!r} (expected one of {', '.join(ATTACKS)})"
+        )
     if frame["image_id"].duplicated().any():
         dup = frame.loc[frame["image_id"].duplicated(), "image_id"].iloc[0]
         raise PipelineError(f"{path}: image_id {dup!r} appears twice")
@@ -367,7 +371,8 @@ def two_sample_test(name: str, first: pd.Series, second: pd.Series, equal_var: b
     }
     n = len(first) + len(second)
     if len(first) < 2 or len(second) < 2:
-        return _result(name, test, n=n, reason=f"needs 2 models per group, has {len(first)} and {len(second)}", **detail)
+        reason = f"needs 2 models per group, has {len(first)} and {len(second)}"
+        return _result(name, test, n=n, reason=reason, **detail)
     if first.nunique() < 2 and second.nunique() < 2:
         return _result(name, test, n=n, reason="no variance within either group", **detail)
     result = sps.ttest_ind(first, second, equal_var=equal_var)
@@ -379,7 +384,7 @@ def paired_test(name: str, first: pd.Series, second: pd.Series, unit: str, **det
     paired = pd.concat({"first": first, "second": second}, axis=1, join="inner").dropna()
     n = len(paired)
     diff = paired["first"] - paired["second"]
-    detail.update(paired_over=unit, mean_first=mean_and_se(paired["first"])[0], mean_second=mean_and_se(paired["second"])[0])
+    detail.update(paired_over=unit, mean_first=paired["first"].mean(), mean_second=paired["second"].mean())
     detail["mean_difference"], detail["se_difference"], _ = mean_and_se(diff)
     if n < 2:
         return _result(name, "paired_t", n=n, reason=f"needs at least 2 paired {unit}, has {n}", **detail)
@@ -429,7 +434,9 @@ def _zoo_trend_tests(table) -> list[dict]:
     l2_label = "l2-PGD tolerance (mean l2, [0,1] pixels)"
     return [
         spearman_test("rho_accuracy_tolerance_l2", accuracy, tol_l2, STANDARD_SET, "accuracy (%)", l2_label),
-        spearman_test("rho_accuracy_alignment", accuracy, align, STANDARD_SET, "accuracy (%)", "l2-PGD alignment (rho_s)"),
+        spearman_test(
+            "rho_accuracy_alignment", accuracy, align, STANDARD_SET, "accuracy (%)", "l2-PGD alignment (rho_s)",
+        ),
         spearman_test(
             "rho_alignment_tolerance_l2", align, tol_l2, STANDARD_SET, "l2-PGD alignment (rho_s)", l2_label,
         ),
@@ -514,7 +521,8 @@ def derived_pairs(table, kind: str, reference: str = "base") -> list[tuple[str, 
         if reference == "base":
             refs = [row["base_model"]] if row["base_model"] in present else []
         else:
-            refs = sorted(rows.loc[(rows["training"] == "control") & (rows["base_model"] == row["base_model"]), "model"])
+            same_base = (rows["training"] == "control") & (rows["base_model"] == row["base_model"])
+            refs = sorted(rows.loc[same_base, "model"])
         pairs += [(row["model"], ref) for ref in refs if row["base_model"]]
     return pairs
 

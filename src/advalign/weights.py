@@ -28,7 +28,7 @@ def require_cached_weights(cache_dir: str | Path, model: str) -> Path:
     if not path.is_file():
         raise PipelineError(
             f"{path}: pretrained weights of model '{model}' are not in the weights cache; "
-            "fill it where the network is reachable (snakemake --configfile config/paper.yaml weights_cache)"
+            "fill it where the network is reachable (snakemake weights_cache --configfile config/paper.yaml)"
         )
     return path
 

@@ -1,6 +1,7 @@
-# Shared by every rule file: config validation, the zoo, and the functions that
-# turn the zoo into per-model / per-attack jobs. Everything a job depends on is
-# passed through input: or params:, so a change reruns only the jobs it touches.
+# Included first by the Snakefile, used by every other .smk file. Config validation,
+# the zoo, and the functions that turn the zoo into per-model / per-attack jobs.
+# Everything a job depends on is passed through input: or params:, so a change
+# reruns only the jobs it touches.
 import json
 
 import pandas as pd
@@ -48,6 +49,11 @@ def model_weights(model):
 
 def trained_models():
     return [m for m in MODELS if is_trained(m)]
+
+
+def model_metrics():
+    """Training metrics of every model the pipeline trains (model_table input)."""
+    return [f"results/models/{m}/metrics.json" for m in trained_models()]
 
 
 def attack_models(attack):
@@ -122,6 +128,37 @@ def training_data_inputs():
         "heldout": "results/data/imagenet_val.csv",
         "clickme": clickme_train_shards(),
     }
+
+
+def clickme_shards(patterns):
+    """ClickMe shard files of glob patterns under data.paper.clickme.shard_dir;
+    a pattern that matches nothing is a one-line planning error."""
+    from advalign.data.clickme import find_shards
+
+    try:
+        shard_dir = config["data"]["paper"]["clickme"]["shard_dir"]
+        return [str(p) for p in find_shards(shard_dir, patterns)]
+    except PipelineError as exc:
+        raise WorkflowError(str(exc)) from None
+
+
+_CLICKME_TRAIN_SHARDS = []
+
+
+def clickme_train_shards():
+    """The ClickMe training shards, globbed once (only asked for when a model is trained)."""
+    if not _CLICKME_TRAIN_SHARDS:
+        patterns = config["data"]["paper"]["clickme"]["train_shards"]
+        _CLICKME_TRAIN_SHARDS.extend(clickme_shards(patterns))
+    return list(_CLICKME_TRAIN_SHARDS)
+
+
+def imagenet_source(split):
+    """Folder (and, flat layout, label file) of an ImageNet split on the paper config."""
+    imagenet = config["data"]["paper"]["imagenet"]
+    if split == "train":
+        return {"root": imagenet["train_dir"], "labels": None}
+    return {"root": imagenet["val_dir"], "labels": imagenet["val_labels"]}
 
 
 def training_inputs(wildcards):

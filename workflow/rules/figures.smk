@@ -1,5 +1,6 @@
 # One rule per figure. Scatter figures read only the per-model table, so a
 # style change re-plots one figure and never re-trains or re-attacks.
+# Figures are localrules: they run on the submit host, not through SLURM.
 
 SCATTER_FIGURES = ("fig2", "fig3", "fig4", "figS3", "figS4", "figS5")
 QUALITATIVE_FIGURES = ("fig5", "figS1", "figS2")
@@ -33,6 +34,7 @@ for fig in SCATTER_FIGURES:
             style=figure_style(fig),
         log:
             f"logs/figures/{fig}.log",
+        localrule: True
         conda:
             "../../envs/plotting.yaml"
         script:
@@ -49,7 +51,9 @@ for fig in QUALITATIVE_FIGURES:
             classes="results/data/classes.csv",
             examples=[f"results/attacks/pgd_l2/{m}.npz" for m in attack_models("pgd_l2")],
             # labels and per-image l2 / alignment of the shown examples
-            attacks=[f"results/attacks/pgd_l2/{m}.parquet" for m in attack_models("pgd_l2")],
+            attacks=[
+                f"results/attacks/pgd_l2/{m}.parquet" for m in attack_models("pgd_l2")
+            ],
         output:
             png=report(
                 f"figures/{fig}.png",
@@ -64,6 +68,7 @@ for fig in QUALITATIVE_FIGURES:
             n_models=config["figures"]["qualitative_models"],
         log:
             f"logs/figures/{fig}.log",
+        localrule: True
         conda:
             "../../envs/plotting.yaml"
         script:

@@ -1,8 +1,6 @@
 # Per-model statistics, the tests of SPEC §5, the claims table and Tables S1-S2.
-
-
-def model_metrics():
-    return [f"results/models/{m}/metrics.json" for m in trained_models()]
+# Every rule here is a localrule: seconds of pandas/scipy on the submit host, never
+# worth a SLURM queue wait.
 
 
 rule model_table:
@@ -19,6 +17,7 @@ rule model_table:
         zoo=[model_row(m) for m in MODELS],
     log:
         "logs/stats/model_table.log",
+    localrule: True
     conda:
         "../../envs/plotting.yaml"
     script:
@@ -33,6 +32,7 @@ rule statistical_tests:
         "results/stats/tests.json",
     log:
         "logs/stats/statistical_tests.log",
+    localrule: True
     conda:
         "../../envs/plotting.yaml"
     script:
@@ -52,6 +52,7 @@ rule claims:
         md="results/tables/claims.md",
     log:
         "logs/stats/claims.log",
+    localrule: True
     conda:
         "../../envs/plotting.yaml"
     script:
@@ -70,6 +71,7 @@ rule table_s1:
         md="results/tables/table_s1.md",
     log:
         "logs/stats/table_s1.log",
+    localrule: True
     conda:
         "../../envs/plotting.yaml"
     script:
@@ -88,6 +90,7 @@ rule table_s2:
         md="results/tables/table_s2.md",
     log:
         "logs/stats/table_s2.log",
+    localrule: True
     conda:
         "../../envs/plotting.yaml"
     script:

@@ -26,7 +26,7 @@ if not SYNTHETIC:
         weights_cache,
 
     rule weights_cache:
-        # Target: every cached file. `snakemake --configfile config/paper.yaml weights_cache`
+        # Target: every cached file. `snakemake weights_cache --cores 1 --configfile config/paper.yaml`
         input:
             [model_weights(m) for m in CACHED_MODELS],
 
@@ -38,13 +38,17 @@ if not SYNTHETIC:
         rule fetch_weights:
             output:
                 f"{WEIGHTS_CACHE}/{{model}}.pth",
-            params:
-                model=lambda wildcards: model_row(wildcards.model),
-            wildcard_constraints:
-                model="|".join(map(re.escape, CACHED_MODELS)) if CACHED_MODELS else "NO_MODELS",
             log:
                 "logs/weights/{model}.log",
+            wildcard_constraints:
+                model=(
+                    "|".join(map(re.escape, CACHED_MODELS))
+                    if CACHED_MODELS
+                    else "NO_MODELS"
+                ),
             conda:
                 "../../envs/torch.yaml"
+            params:
+                model=lambda wildcards: model_row(wildcards.model),
             script:
                 "../scripts/fetch_weights.py"
