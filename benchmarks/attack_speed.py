@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -107,7 +106,9 @@ def main(argv=None) -> int:
     parser.add_argument("--classes", type=int, default=None, help="output classes (default: 10 below 64 px, else 1000)")
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--ref-images", type=int, default=None, help="images for the per-image loop (default: all on CPU, 100 on CUDA)")
+    parser.add_argument(
+        "--ref-images", type=int, default=None, help="images for the per-image loop (default: all on CPU, 100 on CUDA)"
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"])
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
@@ -131,7 +132,9 @@ def main(argv=None) -> int:
     data_config = timm.data.resolve_data_config({}, model=net)
     model = Normalized(net, data_config["mean"], data_config["std"])
     fn = AttackedFunction(model, device, args.precision)
-    config = PGDConfig(norm="l2", eps_min=args.eps_min, eps_max=args.eps_max, threshold=args.threshold, steps=args.steps)
+    config = PGDConfig(
+        norm="l2", eps_min=args.eps_min, eps_max=args.eps_max, threshold=args.threshold, steps=args.steps
+    )
 
     generator = torch.Generator().manual_seed(args.seed)
     x = torch.rand(args.images, 3, args.size, args.size, generator=generator).to(device)
@@ -140,8 +143,12 @@ def main(argv=None) -> int:
     n_ref = args.ref_images if args.ref_images is not None else (len(x) if device.type == "cpu" else min(100, len(x)))
 
     # Warm-up (allocator, cuDNN autotuning, lazy init) for both paths, untimed.
-    minimal_epsilon_search(fn, x[: min(4, len(x))], y[:4], PGDConfig(norm="l2", eps_max=1.0, threshold=0.5), batch_size=4)
-    torchattacks_reference_search(ThroughAttackedFunction(fn), x[:1], y[:1], PGDConfig(norm="l2", eps_max=1.0, threshold=0.5))
+    minimal_epsilon_search(
+        fn, x[: min(4, len(x))], y[:4], PGDConfig(norm="l2", eps_max=1.0, threshold=0.5), batch_size=4
+    )
+    torchattacks_reference_search(
+        ThroughAttackedFunction(fn), x[:1], y[:1], PGDConfig(norm="l2", eps_max=1.0, threshold=0.5)
+    )
 
     synchronize(device)
     started = time.perf_counter()
@@ -164,7 +171,9 @@ def main(argv=None) -> int:
     l2_diff = float(np.max(np.abs(l2[both] / reference["l2"][both] - 1), initial=0.0))
     identical = same_success and eps_diff <= 1e-4 and l2_diff <= 1e-4
 
-    where = f"{device.type}" + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else f" ({args.threads} thread(s))")
+    where = f"{device.type}" + (
+        f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else f" ({args.threads} thread(s))"
+    )
     print(f"device          : {where}, precision {fn.precision}{', channels-last' if fn.channels_last else ''}")
     print(f"model           : {args.model} (random weights) at {args.size} px, {classes} classes")
     print(
@@ -208,7 +217,11 @@ def main(argv=None) -> int:
         total = batched.grad_evals.sum() * grad_flops + batched.trials.sum() * forward_flops
         achieved = total / batched_seconds / 1e12
         peak = peak_tflops(torch.cuda.get_device_name(), fn.precision)
-        share = f" = {100 * achieved / peak:.1f}% of the {peak:g} TFLOP/s {fn.precision} peak" if peak else " (peak unknown for this device)"
+        share = (
+            f" = {100 * achieved / peak:.1f}% of the {peak:g} TFLOP/s {fn.precision} peak"
+            if peak
+            else " (peak unknown for this device)"
+        )
         print(
             f"GPU throughput  : {achieved:.1f} TFLOP/s achieved by the batched search{share} "
             f"({grad_flops / 1e9:.2f} GFLOP per fwd+bwd pass, {forward_flops / 1e9:.2f} per forward)"

@@ -80,7 +80,9 @@ def _start(root: Path, job: dict, name: str) -> subprocess.Popen:
     job_file.write_text(json.dumps(job))
     args = [str(TESTS), str(job_file), str(root / "stimuli.npz"), str(root / "weights.pt")]
     args += [str(root / f"{name}.parquet"), str(root / f"{name}.npz")]
-    return subprocess.Popen([sys.executable, "-c", RUNNER, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", RUNNER, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _finish(proc: subprocess.Popen) -> str:

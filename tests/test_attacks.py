@@ -238,7 +238,15 @@ def job_files(tmp_path_factory):
 
 def _run(root, job, name):
     table, examples = root / f"{name}.parquet", root / f"{name}.npz"
-    run_attack_job(job, root / "stimuli.npz", root / "weights.pt", table, examples, model_loader=load_attacked_model, progress=False)
+    run_attack_job(
+        job,
+        root / "stimuli.npz",
+        root / "weights.pt",
+        table,
+        examples,
+        model_loader=load_attacked_model,
+        progress=False,
+    )
     return pd.read_parquet(table), dict(np.load(examples))
 
 
@@ -362,7 +370,15 @@ def test_bad_inputs_are_one_line_pipeline_errors(job_files, tmp_path):
     stimuli, weights = job_files / "stimuli.npz", job_files / "weights.pt"
 
     def run(job, stimuli_path=stimuli, weights_path=weights):
-        run_attack_job(job, stimuli_path, weights_path, tmp_path / "t.parquet", tmp_path / "t.npz", model_loader=load_attacked_model, progress=False)
+        run_attack_job(
+            job,
+            stimuli_path,
+            weights_path,
+            tmp_path / "t.parquet",
+            tmp_path / "t.npz",
+            model_loader=load_attacked_model,
+            progress=False,
+        )
 
     cases = [
         (dict(_job(), attack="pgd_l1"), {}, "attack 'pgd_l1'"),
@@ -374,7 +390,14 @@ def test_bad_inputs_are_one_line_pipeline_errors(job_files, tmp_path):
         (_job(), {"weights_path": tmp_path / "absent.pt"}, "model weights not found"),
     ]
     bad = tmp_path / "bad.npz"
-    np.savez(bad, images=np.zeros((2, 4, 4, 3), dtype=np.float32), labels=np.zeros(2), maps=np.zeros((2, 4, 4)), has_map=np.ones(2, bool), ids=np.array(["a", "b"]))
+    np.savez(
+        bad,
+        images=np.zeros((2, 4, 4, 3), dtype=np.float32),
+        labels=np.zeros(2),
+        maps=np.zeros((2, 4, 4)),
+        has_map=np.ones(2, bool),
+        ids=np.array(["a", "b"]),
+    )
     cases.append((_job(), {"stimuli_path": bad}, "images must be uint8"))
     (tmp_path / "junk.npz").write_text("not a zip")
     cases.append((_job(), {"stimuli_path": tmp_path / "junk.npz"}, "not a readable NPZ"))
@@ -421,7 +444,14 @@ def test_job_with_the_pipelines_own_model_files(tmp_path):
     ids = np.array([f"s{i}" for i in range(6)])
     np.savez(tmp_path / "stimuli.npz", images=images, labels=labels, maps=maps, has_map=np.ones(6, bool), ids=ids)
     job = _job("pgd_linf", model=row, keep_examples=3)
-    run_attack_job(job, tmp_path / "stimuli.npz", tmp_path / "weights.pt", tmp_path / "t.parquet", tmp_path / "t.npz", progress=False)
+    run_attack_job(
+        job,
+        tmp_path / "stimuli.npz",
+        tmp_path / "weights.pt",
+        tmp_path / "t.parquet",
+        tmp_path / "t.npz",
+        progress=False,
+    )
     table = pd.read_parquet(tmp_path / "t.parquet")
     assert list(table["attacked"]) == [True, True, True, True, False, True]
     fooled = table[table["success"]]

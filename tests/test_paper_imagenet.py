@@ -35,7 +35,7 @@ def test_class_table_order_and_animate_rule():
     assert table["animate"].sum() == 398
     assert table.loc[:397, "animate"].all() and not table.loc[398:, "animate"].any()
     # Spot checks of the rule against what the classes are.
-    named = dict(zip(table["class_name"], table["animate"]))
+    named = dict(zip(table["class_name"], table["animate"], strict=True))
     assert named["goldfish"] and named["tiger"] and named["golden retriever"]
     assert not named["abacus"] and not named["volcano"] and not named["toilet tissue"]
 

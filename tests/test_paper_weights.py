@@ -17,6 +17,7 @@ from advalign.weights import (
     fetch_pretrained_weights,
     missing_cached_weights,
     require_cached_weights,
+    require_complete_cache,
 )
 
 TINY = "test_resnet.r160_in1k"  # timm's own tiny test architecture, with a pretrained tag
@@ -28,7 +29,10 @@ def test_missing_cache_file_names_the_model(tmp_path):
     assert "\n" not in str(info.value) and str(tmp_path / "vgg16.pth") in str(info.value)
     (tmp_path / "vgg16.pth").write_bytes(b"x")
     assert require_cached_weights(tmp_path, "vgg16") == cached_weights_path(tmp_path, "vgg16")
-    assert missing_cached_weights(tmp_path, ["vgg16", "resnet50"]) == ["resnet50"]
+    assert missing_cached_weights(tmp_path, ["vgg16", "resnet50", "dla34"]) == ["resnet50", "dla34"]
+    with pytest.raises(PipelineError, match=r"model 'resnet50' are not in the weights cache \(2 model\(s\) missing\)"):
+        require_complete_cache(tmp_path, ["vgg16", "resnet50", "dla34"])
+    require_complete_cache(tmp_path, ["vgg16"])
 
 
 def test_fetch_saves_timms_pretrained_state_dict(tmp_path):

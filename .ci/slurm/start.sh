@@ -84,10 +84,10 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 # Jobs without --mem get 1 GB per CPU instead of the whole node.
 DefMemPerCPU=1000
-# Finished jobs stay visible to squeue for 5 min: the Snakemake SLURM plugin's
+# Finished jobs stay visible to squeue for 30 min: the Snakemake SLURM plugin's
 # squeue status checks rely on it (and fall back to sacct when it is < 3x the
-# initial status-check wait).
-MinJobAge=300
+# initial status-check wait), and a test reads the whole run's jobs back at its end.
+MinJobAge=1800
 ReturnToService=2
 # No slurmdbd: sacct does not work on this cluster (see SLURM-NOTES.md).
 AccountingStorageType=accounting_storage/none

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .columns import ATTACK_COLUMNS, ATTACKS, EXAMPLE_ARRAYS, SPLIT_ARRAYS
 from .io import PipelineError, require_file, save_npz, write_json, write_table
@@ -113,7 +113,7 @@ class AttackedFunction:
     __call__ = logits
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
+        with torch.no_grad():
             return self.logits(x).argmax(dim=1)
 
     def loss_gradient(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -241,6 +241,12 @@ def trial_seed(key: int, trial: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def image_key(seed: int, attack: str, index: int) -> int:
+    """The key an image's random starts derive from: (config seed, attack, stimulus index)."""
+    digest = hashlib.sha256(f"advalign-image:{int(seed)}:{attack}:{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 def random_start(x: torch.Tensor, eps: np.ndarray, norm: str, keys: np.ndarray, trial: int) -> torch.Tensor:
     """Per-image random δ in the ε-ball (ℓ2: random direction, radius U(0,1)·ε; ℓ∞: U(−ε, ε)),
     with x + δ clamped to [0, 1]. Drawn on the CPU so every device sees the same numbers."""
@@ -361,7 +367,9 @@ def minimal_epsilon_search(
         for part in _batches(np.arange(len(indices)), batch_size):
             idx = torch.as_tensor(indices[part], device=x.device)
             xb, yb = x[idx], y[idx]
-            start = random_start(xb, eps[part], config.norm, keys[indices[part]], trial) if config.random_start else None
+            start = (
+                random_start(xb, eps[part], config.norm, keys[indices[part]], trial) if config.random_start else None
+            )
             adv, pred, evals = pgd_attack(
                 fn, xb, yb, eps[part], config,
                 clean_grad=None if clean_grad is None else clean_grad[idx], start=start,
@@ -496,7 +504,9 @@ def carlini_wagner_l2(
     adv_pred = np.full(n, -1, dtype=np.int64)
     perturbation = torch.zeros(x.shape, dtype=torch.float32)
     indices = np.arange(n)
-    for part in tqdm(list(_batches(indices, batch_size)), desc="cw batches", leave=False, file=sys.stderr, disable=not progress):
+    for part in tqdm(
+        list(_batches(indices, batch_size)), desc="cw batches", leave=False, file=sys.stderr, disable=not progress
+    ):
         ok, delta, pred = _cw_batch(fn, x[part], y[part], config)
         success[part] = ok.cpu().numpy()
         adv_pred[part] = pred.cpu().numpy()
@@ -567,7 +577,9 @@ def load_stimuli(path) -> dict:
         with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in SPLIT_ARRAYS if k not in npz.files]
             if missing:
-                raise PipelineError(f"{path}: missing array(s) {', '.join(missing)} (expected {', '.join(SPLIT_ARRAYS)})")
+                raise PipelineError(
+                    f"{path}: missing array(s) {', '.join(missing)} (expected {', '.join(SPLIT_ARRAYS)})"
+                )
             data = {k: npz[k] for k in SPLIT_ARRAYS}
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise PipelineError(f"{path}: not a readable NPZ file ({exc})") from None
@@ -695,7 +707,7 @@ def _attack_chunk(fn, attack, config, stimuli, data_config, start, stop, job, pr
             result = carlini_wagner_l2(fn, x[idx], labels[idx], config, batch_size=batch_size, progress=progress)
         else:
             # Random starts keyed by (seed, stimulus index): independent of chunking and batching.
-            keys = np.array([trial_seed(job["seed"], start + r) for r in rows], dtype=np.int64)
+            keys = np.array([image_key(job["seed"], attack, start + r) for r in rows], dtype=np.int64)
             result = minimal_epsilon_search(
                 fn, x[idx], labels[idx], config, batch_size=batch_size, keys=keys, progress=progress
             )
@@ -711,7 +723,9 @@ def _attack_chunk(fn, attack, config, stimuli, data_config, start, stop, job, pr
             columns["linf"][good] = delta.abs().amax(dim=1).numpy()
             with_map = good[stimuli["has_map"][start:stop][good]]
             if len(with_map):
-                columns["alignment"][with_map] = adversarial_alignment(perturbation[with_map], maps[with_map], layout="NCHW")
+                columns["alignment"][with_map] = adversarial_alignment(
+                    perturbation[with_map], maps[with_map], layout="NCHW"
+                )
 
     chunk = {k: np.asarray(columns[k], dtype=_COLUMN_DTYPES[k]) for k in _PER_IMAGE_COLUMNS}
     keep = max(0, min(job["keep_examples"], stop) - start)
@@ -723,9 +737,7 @@ def _checked_logits(fn, x, max_label: int) -> torch.Tensor:
     with torch.no_grad():
         logits = fn.logits(x)
     if logits.ndim != 2 or logits.shape[1] <= max_label:
-        raise PipelineError(
-            f"model outputs {tuple(logits.shape)} logits but the stimuli use class index {max_label}"
-        )
+        raise PipelineError(f"model outputs {tuple(logits.shape)} logits but the stimuli use class index {max_label}")
     return logits
 
 
@@ -777,7 +789,15 @@ def run_attack_job(
     chunk_dir = chunk_dir_for(out_table)
     _prepare_chunk_dir(chunk_dir, digest, {"model": row["model"], "attack": attack, "n_stimuli": n})
     bounds = [(s, min(s + job["chunk_size"], n)) for s in range(0, n, job["chunk_size"])]
-    log.info("%s on %s: %d stimuli in %d chunk(s), device %s, precision %s", attack, row["model"], n, len(bounds), device, fn.precision)
+    log.info(
+        "%s on %s: %d stimuli in %d chunk(s), device %s, precision %s",
+        attack,
+        row["model"],
+        n,
+        len(bounds),
+        device,
+        fn.precision,
+    )
 
     chunks, resumed = [], 0
     bar = tqdm(total=len(bounds), desc=f"{attack} {row['model']}", file=sys.stderr, disable=not progress)

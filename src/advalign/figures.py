@@ -492,7 +492,7 @@ def _image_labels(attack_paths, models, classes: pd.DataFrame) -> tuple[pd.DataF
         if model not in by_model:
             raise PipelineError(f"no l2-PGD attack table for {model} among the figure's inputs")
         frame = read_attack_file(by_model[model]).set_index("image_id")
-        per_image[model] = frame[["l2", "alignment", "success"]]
+        per_image[model] = frame[["l2", "alignment", "attacked", "success"]]
         labels = frame["label"] if labels is None else labels.combine_first(frame["label"])
     unknown = sorted(set(labels.astype(int)) - set(classes.index))
     if unknown:
@@ -583,15 +583,18 @@ def qualitative_figure(fig: str, table: pd.DataFrame, classes: pd.DataFrame, exa
                 ax = axes[row, 2 + c]
                 if not arrays["success"][j]:
                     _show(ax, np.zeros(arrays["maps"].shape[1:]), cmap="Greys", vmax=1)
-                    ax.text(0.5, 0.5, "not fooled\nor not attacked", ha="center", va="center",
+                    was_attacked = image_id in per_image[model].index and per_image[model].loc[image_id, "attacked"]
+                    reason = "not fooled within\nthe search bound" if was_attacked else "misclassified:\nnot attacked"
+                    ax.text(0.5, 0.5, reason, ha="center", va="center",
                             transform=ax.transAxes, fontsize=style["font_size"] - 2, color="0.35")
                     continue
                 magnitude = _perturbation_map(arrays["perturbations"][j])
                 # Each panel is scaled to its own 99th percentile: the pattern, not the size, is compared here.
                 _show(ax, magnitude, cmap=style["cmap"], vmax=max(float(np.quantile(magnitude, 0.99)), 1e-8))
-                stats_row = per_image[model].loc[image_id]
-                ax.set_xlabel(rf"$\ell_2$ {stats_row['l2']:.2f}, $\rho_s$ {stats_row['alignment']:.2f}",
-                              fontsize=style["font_size"] - 2, labelpad=2)
+                if image_id in per_image[model].index:  # the attack table's own per-image numbers
+                    stats_row = per_image[model].loc[image_id]
+                    ax.set_xlabel(rf"$\ell_2$ {stats_row['l2']:.2f}, $\rho_s$ {stats_row['alignment']:.2f}",
+                                  fontsize=style["font_size"] - 2, labelpad=2)
                 if r == 0:
                     attacked = np.clip(arrays["images"][j].astype(np.float32) / 255
                                        + arrays["perturbations"][j].astype(np.float32), 0, 1)

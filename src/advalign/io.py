@@ -9,6 +9,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class PipelineError(Exception):
     """Bad input or an unmet precondition; printed as a single line, never a traceback."""
 
@@ -25,6 +29,9 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None):
     suffix = suffix if suffix is not None else "".join(path.suffixes)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
     os.close(fd)
+    # mkstemp creates the file owner-only (0600); give it the mode a plain open() would,
+    # so results on a shared cluster filesystem stay readable by the group.
+    os.chmod(tmp, 0o666 & ~_UMASK)
     try:
         yield Path(tmp)
         os.replace(tmp, path)

@@ -37,6 +37,18 @@ def missing_cached_weights(cache_dir: str | Path, models) -> list[str]:
     return [m for m in models if not cached_weights_path(cache_dir, m).is_file()]
 
 
+def require_complete_cache(cache_dir: str | Path, models) -> None:
+    """One-line error naming the first model without cached weights, and how many lack them."""
+    missing = missing_cached_weights(cache_dir, models)
+    if missing:
+        path = cached_weights_path(cache_dir, missing[0])
+        raise PipelineError(
+            f"{path}: pretrained weights of model '{missing[0]}' are not in the weights cache "
+            f"({len(missing)} model(s) missing); fill it where the network is reachable "
+            "(snakemake weights_cache --configfile config/paper.yaml with data.paper.fetch_weights true)"
+        )
+
+
 def check_timm_name(timm_name: str, model: str = "?") -> None:
     """One-line error unless the pinned timm knows ``arch.tag`` and has pretrained weights for it."""
     import timm

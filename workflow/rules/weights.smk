@@ -3,7 +3,7 @@
 # node); attack jobs on compute nodes load strictly from the cache.
 
 if not SYNTHETIC:
-    from advalign.weights import check_zoo_timm_names, missing_cached_weights
+    from advalign.weights import check_zoo_timm_names, require_complete_cache
 
     WEIGHTS_CACHE = config["data"]["paper"]["weights_cache"]
     CACHED_MODELS = [m for m in MODELS if not is_trained(m)]
@@ -12,13 +12,8 @@ if not SYNTHETIC:
         # An unknown architecture or pretrained tag is a planning error, not a job failure.
         check_zoo_timm_names(ZOO_ROWS[m] for m in CACHED_MODELS)
         if not config["data"]["paper"]["fetch_weights"]:
-            missing = missing_cached_weights(WEIGHTS_CACHE, CACHED_MODELS)
-            if missing:
-                raise PipelineError(
-                    f"{WEIGHTS_CACHE}/{missing[0]}.pth: pretrained weights of model '{missing[0]}' "
-                    f"are not in the weights cache ({len(missing)} model(s) missing) and "
-                    "data.paper.fetch_weights is false"
-                )
+            # No rule can make a missing file: say which, before any job starts.
+            require_complete_cache(WEIGHTS_CACHE, CACHED_MODELS)
     except PipelineError as exc:
         raise WorkflowError(str(exc)) from None
 

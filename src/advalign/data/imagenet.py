@@ -86,7 +86,7 @@ def imagenet_classes() -> pd.DataFrame:
 
 def wordnet_to_index() -> dict[str, int]:
     table = _class_table()
-    return dict(zip(table["wordnet_id"], table["class_index"].astype(int)))
+    return dict(zip(table["wordnet_id"], table["class_index"].astype(int), strict=True))
 
 
 def is_image_file(path: Path) -> bool:
