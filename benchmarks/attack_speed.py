@@ -103,6 +103,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="convnext_atto", help="timm architecture (random weights)")
     parser.add_argument("--size", type=int, default=32, help="input size in pixels")
+    parser.add_argument("--timm-kwargs", default="{}", help='JSON for timm.create_model, e.g. \'{"patch_size": 4, "depth": 4}\'')
     parser.add_argument("--classes", type=int, default=None, help="output classes (default: 10 below 64 px, else 1000)")
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -127,7 +128,9 @@ def main(argv=None) -> int:
         return 1
     classes = args.classes or (10 if args.size < 64 else 1000)
     torch.manual_seed(args.seed)
-    kwargs = {"img_size": args.size} if "vit" in args.model or "deit" in args.model else {}
+    kwargs = json.loads(args.timm_kwargs)
+    if "vit" in args.model or "deit" in args.model:
+        kwargs.setdefault("img_size", args.size)  # ViTs are built for one input size
     net = timm.create_model(args.model, pretrained=False, num_classes=classes, **kwargs)
     data_config = timm.data.resolve_data_config({}, model=net)
     model = Normalized(net, data_config["mean"], data_config["std"])

@@ -25,7 +25,9 @@ def test_snakefmt_check_passes():
     proc = subprocess.run(
         [str(BIN / "snakefmt"), "--check", "."], cwd=REPO, capture_output=True, text=True, timeout=300
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        diff = subprocess.run([str(BIN / "snakefmt"), "--diff", "."], cwd=REPO, capture_output=True, text=True)
+        pytest.fail(f"snakefmt --check failed; run `snakefmt .` to apply:\n{diff.stdout[-6000:]}{proc.stderr}")
 
 
 @pytest.mark.parametrize("profile", ["slurm", "profiles/local"])

@@ -20,6 +20,14 @@ Which models enter which test (the ``detail`` of every test repeats it):
   base model (and harmonized models with the control of the same base), paired
   over the images both attacked successfully, and, across pairs, with a paired
   t-test on the model-level scores.
+
+Test details: Spearman rho is reported with df = n - 2 and a seeded bootstrap
+CI over models; its p is exact (all rank pairings) for up to 8 models, where
+the t approximation is badly off, and scipy's t approximation beyond. The
+ViT-vs-CNN tests are reported both as Welch (Welch-Satterthwaite df) and
+Student (df = n1 + n2 - 2), sign ViT minus CNN. The paper's T(122) names no
+test; 122 = 123 ViTs - 1 is the lower bound of Welch's df, reached when the
+ViT group's variance dominates, while Student's df would be 248.
 """
 
 from __future__ import annotations

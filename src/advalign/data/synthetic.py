@@ -52,8 +52,7 @@ INANIMATE_NAMES = (
 # The class "world" (glyphs, contexts) is fixed so that seeds resample the same task.
 _WORLD_SEED = 20230711
 _GLYPH_CELLS = 3  # glyphs are 3 x 3 cells
-import os
-_PART_FRACTION = float(os.environ.get("AA_PART", 0.3))  # the part's side as a fraction of the image side
+_PART_FRACTION = 0.3  # the part's side as a fraction of the image side
 _CONTEXT_KINDS = ("horizontal", "vertical", "plaid", "diamond")  # all mirror-invariant up to phase
 _SPLIT_PREFIX = {"train": "train", "heldout": "heldout", "stimuli": "stim"}
 _OUTPUT_KEYS = ("train", "heldout", "stimuli", "classes", "manifest")
@@ -201,10 +200,6 @@ def render_image(label: int, context_class: int, rng: np.random.Generator, world
     # Light skin, dark ink: one polarity, so a glyph is one pattern to learn, not two.
     skin = np.clip(0.55 + 0.45 * body_colour + rng.normal(0.0, 0.03, 3), 0.0, 1.0)
     ink = np.clip(0.1 + rng.normal(0.0, 0.04, 3), 0.0, 1.0)
-    import os
-    if os.environ.get("AA_INK"):
-        hue = (label * 0.618034 + 0.3) % 1.0
-        ink = np.clip(np.array(colorsys.hsv_to_rgb(hue, 0.9, float(os.environ["AA_INK"]))) + rng.normal(0.0, 0.04, 3), 0.0, 1.0)
     glyph_pixels = np.kron(glyph, np.ones((cell, cell), dtype=bool))
     patch = np.where(glyph_pixels[:, :, None], ink[None, None, :], skin[None, None, :])
     image[top : top + part, left : left + part] = patch
