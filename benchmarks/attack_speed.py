@@ -103,10 +103,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="convnext_atto", help="timm architecture (random weights)")
     parser.add_argument("--size", type=int, default=32, help="input size in pixels")
-    parser.add_argument("--timm-kwargs", default="{}", help='JSON for timm.create_model, e.g. \'{"patch_size": 4, "depth": 4}\'')
+    parser.add_argument(
+        "--timm-kwargs", default="{}", help='JSON for timm.create_model, e.g. \'{"patch_size": 4, "depth": 4}\''
+    )
     parser.add_argument("--classes", type=int, default=None, help="output classes (default: 10 below 64 px, else 1000)")
-    parser.add_argument("--images", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--images", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument(
         "--ref-images", type=int, default=None, help="images for the per-image loop (default: all on CPU, 100 on CUDA)"
     )

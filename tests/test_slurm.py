@@ -126,6 +126,16 @@ def squeue_lines(since_job_id: int) -> list[dict]:
     return jobs
 
 
+def cancel_leftovers(since_job_id: int) -> None:
+    """scancel the jobs of this run still pending or running (none after a clean run)."""
+    out = subprocess.run(
+        ["squeue", "--noheader", "--states=PENDING,RUNNING,CONFIGURING", "-o", "%i"], capture_output=True, text=True
+    ).stdout
+    left = [i for i in out.split() if i.isdigit() and int(i) > since_job_id]
+    if left:
+        subprocess.run(["scancel", *left], check=False)
+
+
 def last_job_id() -> int:
     out = subprocess.run(["squeue", "--states=all", "--noheader", "-o", "%i"], capture_output=True, text=True)
     ids = [int(i) for i in out.stdout.split() if i.isdigit()]
@@ -157,7 +167,10 @@ def test_workflow_runs_through_sbatch(request, slurm_cluster, tmp_path):
         "--slurm-init-seconds-before-status-checks", "5",
     ]
     started = time.time()
-    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=RUN_TIMEOUT_S + 30)
+    try:
+        proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=RUN_TIMEOUT_S + 30)
+    finally:
+        cancel_leftovers(first_job)  # a killed run must not leave jobs on the node
     seconds = time.time() - started
     jobs = squeue_lines(first_job)
     say(request, f"snakemake --profile slurm: rc={proc.returncode} in {seconds:.0f} s, {len(jobs)} SLURM jobs")

@@ -9,16 +9,16 @@ rule attack:
     output:
         table="results/attacks/{attack}/{model}.parquet",
         examples="results/attacks/{attack}/{model}.npz",
-    params:
-        job=attack_params,
+    log:
+        "logs/attacks/{attack}/{model}.log",
+    conda:
+        "../../envs/torch.yaml"
     threads: config["attacks"]["threads"]
     resources:
         gpu=job_resource("attack", "gpu", 0),
         runtime=job_resource("attack", "runtime", 30),
         mem_mb=job_resource("attack", "mem_mb", 4000),
-    log:
-        "logs/attacks/{attack}/{model}.log",
-    conda:
-        "../../envs/torch.yaml"
+    params:
+        job=attack_params,
     script:
         "../scripts/attack.py"

@@ -11,7 +11,6 @@ from advalign.io import PipelineError
 from advalign.zoo import derived_spec, load_zoo
 from advalign.columns import ATTACKS, FIGURES
 
-
 try:
     _validated = validate_config(config, source="config")
     config.clear()
@@ -106,7 +105,12 @@ def training_params(wildcards):
         recipe["lr"] = recipe["finetune_lr"]
         if row["training"] == "harmonized" and row["harmonizer_lambda"] is None:
             row["harmonizer_lambda"] = recipe["harmonizer"]["default_lambda"]
-    return {"model": row, "recipe": recipe, "device": config["device"], "seed": config["seed"]}
+    return {
+        "model": row,
+        "recipe": recipe,
+        "device": config["device"],
+        "seed": config["seed"],
+    }
 
 
 def job_resource(rule_name, key, synthetic_value):
@@ -122,7 +126,10 @@ def training_data_inputs():
     (results/data/imagenet_{train,val}.csv, IMAGENET_INDEX_COLUMNS) and the ClickMe
     training shards whose maps the harmonizer aligns to."""
     if SYNTHETIC:
-        return {"train": "results/data/train.npz", "heldout": "results/data/heldout.npz"}
+        return {
+            "train": "results/data/train.npz",
+            "heldout": "results/data/heldout.npz",
+        }
     return {
         "train": "results/data/imagenet_train.csv",
         "heldout": "results/data/imagenet_val.csv",

@@ -29,14 +29,14 @@ for fig in SCATTER_FIGURES:
                 category="Figures",
             ),
             pdf=f"figures/{fig}.pdf",
-        params:
-            figure=fig,
-            style=figure_style(fig),
         log:
             f"logs/figures/{fig}.log",
         localrule: True
         conda:
             "../../envs/plotting.yaml"
+        params:
+            figure=fig,
+            style=figure_style(fig),
         script:
             "../scripts/scatter_figure.py"
 
@@ -49,7 +49,9 @@ for fig in QUALITATIVE_FIGURES:
         input:
             table="results/stats/model_attack_table.csv",
             classes="results/data/classes.csv",
-            examples=[f"results/attacks/pgd_l2/{m}.npz" for m in attack_models("pgd_l2")],
+            examples=[
+                f"results/attacks/pgd_l2/{m}.npz" for m in attack_models("pgd_l2")
+            ],
             # labels and per-image l2 / alignment of the shown examples
             attacks=[
                 f"results/attacks/pgd_l2/{m}.parquet" for m in attack_models("pgd_l2")
@@ -61,15 +63,15 @@ for fig in QUALITATIVE_FIGURES:
                 category="Figures",
             ),
             pdf=f"figures/{fig}.pdf",
-        params:
-            figure=fig,
-            style=figure_style(fig),
-            n_images=config["figures"]["qualitative_images"],
-            n_models=config["figures"]["qualitative_models"],
         log:
             f"logs/figures/{fig}.log",
         localrule: True
         conda:
             "../../envs/plotting.yaml"
+        params:
+            figure=fig,
+            style=figure_style(fig),
+            n_images=config["figures"]["qualitative_images"],
+            n_models=config["figures"]["qualitative_models"],
         script:
             "../scripts/qualitative_figure.py"

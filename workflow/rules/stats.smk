@@ -13,13 +13,13 @@ rule model_table:
             caption="../report/model_table.rst",
             category="Tables",
         ),
-    params:
-        zoo=[model_row(m) for m in MODELS],
     log:
         "logs/stats/model_table.log",
     localrule: True
     conda:
         "../../envs/plotting.yaml"
+    params:
+        zoo=[model_row(m) for m in MODELS],
     script:
         "../scripts/model_table.py"
 

@@ -9,16 +9,16 @@ rule train:
         weights="results/models/{model}/weights.pt",
         metrics="results/models/{model}/metrics.json",
         history="results/models/{model}/history.csv",
-    params:
-        job=training_params,
+    log:
+        "logs/train/{model}.log",
+    conda:
+        "../../envs/torch.yaml"
     threads: config["training"]["threads"]
     resources:
         gpu=job_resource("train", "gpu", 0),
         runtime=job_resource("train", "runtime", 60),
         mem_mb=job_resource("train", "mem_mb", 4000),
-    log:
-        "logs/train/{model}.log",
-    conda:
-        "../../envs/torch.yaml"
+    params:
+        job=training_params,
     script:
         "../scripts/train.py"
