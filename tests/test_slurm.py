@@ -32,8 +32,8 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 CI_SLURM = REPO / ".ci" / "slurm"
 STATE_DIR = Path(os.environ.get("ADVALIGN_SLURM_STATE", "/run/advalign-slurm"))
 DAEMONS = ("munged", "slurmctld", "slurmd")
-# The smallest config that still runs every stage; tiny.yaml when the suite has one.
-SLURM_CONFIG = "tests/configs/slurm_tiny.yaml"
+# The suite's tiny config without its derived models (see slurm_tiny.yaml).
+SLURM_CONFIGS = ["tests/configs/tiny.yaml", "tests/configs/slurm_tiny.yaml"]
 RUN_TIMEOUT_S = 600
 # Rules that must go through sbatch, and rules that must not (localrule).
 REMOTE_RULES = {"synthetic_data", "train", "attack"}
@@ -162,7 +162,7 @@ def test_workflow_runs_through_sbatch(request, slurm_cluster, tmp_path):
         "timeout", "-k", "10", str(RUN_TIMEOUT_S),
         sys.executable, "-m", "snakemake",
         "--profile", "slurm",  # found as ./slurm/config.yaml, exactly as a user types it
-        "--configfile", SLURM_CONFIG,
+        "--configfile", *SLURM_CONFIGS,
         # Status checks every 5 s instead of the profile's 20 s: the jobs take seconds.
         "--slurm-init-seconds-before-status-checks", "5",
     ]
@@ -180,7 +180,7 @@ def test_workflow_runs_through_sbatch(request, slurm_cluster, tmp_path):
 
     # Every requested output exists.
     dry = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "--configfile", SLURM_CONFIG],
+        [sys.executable, "-m", "snakemake", "-n", "--configfile", *SLURM_CONFIGS],
         cwd=workdir, capture_output=True, text=True, timeout=120,
     )
     assert "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-3000:]

@@ -129,7 +129,9 @@ def data_config(model_or_meta) -> dict:
             raise PipelineError("model meta has no data_config")
         return _clean_data_config(config)
     if isinstance(model_or_meta, NormalizedModel):
-        return dict(model_or_meta.data_config)
+        if model_or_meta.data_config is not None:
+            return dict(model_or_meta.data_config)
+        model_or_meta = model_or_meta.model
     from timm.data import resolve_data_config
 
     config = resolve_data_config({}, model=model_or_meta)

@@ -1,0 +1,238 @@
+"""Training jobs (standard, harmonized, control, robust) and the model files they write."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from advalign import columns
+from advalign.config import validate_config
+from advalign.data.synthetic import write_synthetic_dataset
+from advalign.io import PipelineError, read_json
+from advalign.models import NormalizedModel, attacked_model, build_model, data_config, load_model
+from advalign.training import ArraySource, MadryObjective, parameter_groups, train_model
+
+ROW = {
+    "model": "tiny_resnet",
+    "timm_name": "resnet10t",
+    "timm_kwargs": json.dumps({"channels": [8, 16, 32, 64], "stem_width": 8}),
+    "arch_class": "CNN",
+    "family": "ResNet",
+    "training": "standard",
+    "base_model": "",
+    "harmonizer_lambda": None,
+    "robust_eps": None,
+}
+SPEC = {"n_classes": 4, "image_size": 32, "train_per_class": 24, "heldout_per_class": 6, "stimuli_per_class": 2}
+
+
+def _recipe(**changes):
+    recipe = validate_config({"data": {"kind": "synthetic"}, "zoo": {"table": "x.csv"}})["training"]
+    recipe.update(batch_size=16, epochs=4, lr=0.01, warmup_epochs=0.5)
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            recipe[key] = {**recipe[key], **value}
+        else:
+            recipe[key] = value
+    return recipe
+
+
+def _train(folder, name, kind="standard", base=None, recipe=None, **row_changes):
+    row = {**ROW, "model": name, "training": kind, "base_model": "tiny_resnet" if base else "", **row_changes}
+    job = {"model": row, "recipe": recipe or _recipe(), "device": "cpu", "seed": 0}
+    out = folder / name
+    metrics = train_model(
+        job, folder / "train.npz", folder / "heldout.npz", base, out / "weights.pt", out / "metrics.json", out / "history.csv"
+    )
+    return metrics, out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("training")
+    outputs = {split: folder / f"{split}.npz" for split in columns.SPLITS}
+    outputs.update(classes=folder / "classes.csv", manifest=folder / "manifest.csv")
+    write_synthetic_dataset({**SPEC, "map_fraction": 0.5}, seed=0, outputs=outputs)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def base(data):
+    metrics, out = _train(data, "tiny_resnet")
+    return out
+
+
+def test_standard_training_lowers_the_loss_and_writes_contract_files(base):
+    history = pd.read_csv(base / "history.csv")
+    assert list(history.columns) == list(columns.HISTORY_COLUMNS)
+    assert history["epoch"].tolist() == [1, 2, 3, 4]
+    assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0] - 0.1
+    assert history["train_harmonizer"].isna().all()  # not a harmonized model
+    metrics = read_json(base / "metrics.json")
+    assert set(columns.TRAIN_METRICS_KEYS) <= set(metrics)
+    assert metrics["model"] == "tiny_resnet" and metrics["training"] == "standard"
+    assert metrics["n_heldout"] == 24 and 0.0 <= metrics["heldout_accuracy"] <= 1.0
+    assert metrics["final_train_loss"] == pytest.approx(history["train_loss"].iloc[-1])
+    assert metrics["epochs"] == 4 and metrics["seed"] == 0
+
+    model, meta = load_model(base / "weights.pt", row=ROW)
+    assert not model.training
+    assert meta["num_classes"] == 4 and meta["model_row"]["timm_name"] == "resnet10t"
+    config = data_config(meta)
+    assert config["input_size"] == (3, 32, 32) and config["crop_pct"] == 1.0
+    assert all(0 < s < 1 for s in config["std"]) and all(0 < m < 1 for m in config["mean"])
+
+
+def test_training_is_deterministic(data, base, tmp_path):
+    (tmp_path / "train.npz").write_bytes((data / "train.npz").read_bytes())
+    (tmp_path / "heldout.npz").write_bytes((data / "heldout.npz").read_bytes())
+    _, again = _train(tmp_path, "tiny_resnet")
+    first = torch.load(base / "weights.pt", weights_only=True)["state_dict"]
+    second = torch.load(again / "weights.pt", weights_only=True)["state_dict"]
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.fixture(scope="module")
+def derived(data, base):
+    recipe = _recipe(epochs=1, lr=0.002)
+    return {
+        "harmonized": _train(data, "tiny_h", "harmonized", base / "weights.pt", recipe, harmonizer_lambda=1.0),
+        "control": _train(data, "tiny_c", "control", base / "weights.pt", recipe),
+        "robust": _train(data, "tiny_r", "robust", base / "weights.pt", recipe, robust_eps=4 / 255),
+    }
+
+
+def test_derived_models_fine_tune_their_base(derived, base):
+    base_state = torch.load(base / "weights.pt", weights_only=True)
+    for kind, (metrics, out) in derived.items():
+        assert metrics["training"] == kind
+        saved = torch.load(out / "weights.pt", weights_only=True)
+        # Same architecture and normalisation as the base; different weights after fine-tuning.
+        assert saved["meta"]["data_config"] == base_state["meta"]["data_config"]
+        assert saved["state_dict"].keys() == base_state["state_dict"].keys()
+        assert any(not torch.equal(saved["state_dict"][k], base_state["state_dict"][k]) for k in saved["state_dict"])
+        history = pd.read_csv(out / "history.csv")
+        assert len(history) == 1
+        if kind == "harmonized":
+            assert history["train_harmonizer"].gt(0).all()
+            assert history["train_loss"].iloc[0] > history["train_ce"].iloc[0]  # CE + lambda * alignment
+        else:
+            assert history["train_harmonizer"].isna().all()
+
+
+def test_harmonized_and_control_see_the_same_batches(derived):
+    # Same seed, same data order: the control differs from the harmonized model only by its loss.
+    h = pd.read_csv(derived["harmonized"][1] / "history.csv")
+    c = pd.read_csv(derived["control"][1] / "history.csv")
+    assert h["lr"].tolist() == c["lr"].tolist()
+
+
+def test_attacked_model_is_frozen_normalised_and_in_eval_mode(base):
+    model, meta = attacked_model(base / "weights.pt", ROW)
+    assert isinstance(model, NormalizedModel)
+    assert not any(p.requires_grad for p in model.parameters())
+    model.train()
+    assert not model.training and not model.model.training
+    x = torch.rand(3, 3, 32, 32)
+    mean = torch.tensor(meta["data_config"]["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(meta["data_config"]["std"]).view(1, 3, 1, 1)
+    torch.testing.assert_close(model(x), model.model((x - mean) / std))
+    x.requires_grad_(True)
+    model(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_plain_timm_state_dict_loads_with_its_row(tmp_path):
+    row = {"model": "paper_like", "timm_name": "resnet10t", "timm_kwargs": json.dumps({"channels": [8, 16, 32, 64]})}
+    torch.manual_seed(0)
+    source = build_model(row, num_classes=1000).eval()
+    torch.save({"module." + k: v for k, v in source.state_dict().items()}, tmp_path / "paper_like.pth")
+    model, meta = load_model(tmp_path / "paper_like.pth", row=row)
+    x = torch.rand(1, 3, 64, 64)
+    torch.testing.assert_close(model(x), source(x))
+    assert meta["num_classes"] == 1000
+    from timm.data import resolve_data_config
+
+    timm_config = resolve_data_config({}, model=source)  # timm's own data config for the architecture
+    assert meta["data_config"]["input_size"] == tuple(timm_config["input_size"])
+    assert meta["data_config"]["crop_pct"] == timm_config["crop_pct"]
+    with pytest.raises(PipelineError, match="zoo row is needed"):
+        load_model(tmp_path / "paper_like.pth")
+
+
+def test_missing_or_mismatched_weights_are_one_line_errors(base, tmp_path):
+    with pytest.raises(PipelineError, match=r"^some_model: weights not found at .*nope\.pt$"):
+        load_model(tmp_path / "nope.pt", row={**ROW, "model": "some_model"})
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(PipelineError, match="cannot read weights"):
+        load_model(tmp_path / "junk.pt", row=ROW)
+    with pytest.raises(PipelineError, match="the zoo says convnext_atto"):
+        load_model(base / "weights.pt", row={**ROW, "timm_name": "convnext_atto"})
+    with pytest.raises(PipelineError, match="timm cannot build"):
+        build_model({**ROW, "timm_name": "no_such_architecture"}, 4)
+
+
+def test_bad_jobs_fail_in_one_line(data, base, tmp_path):
+    with pytest.raises(PipelineError, match="no base weights"):
+        _train(data, "x", "control", None, _recipe(epochs=1))
+    with pytest.raises(PipelineError, match="mixup_alpha"):
+        _train(data, "x", recipe=_recipe(mixup_alpha=0.2))
+    with pytest.raises(PipelineError, match="robust_eps"):
+        _train(data, "x", "robust", base / "weights.pt", _recipe(epochs=1))
+    with pytest.raises(PipelineError, match="data split not found"):
+        train_model({"model": ROW, "recipe": _recipe(), "device": "cpu", "seed": 0}, tmp_path / "none.npz",
+                    data / "heldout.npz", None, tmp_path / "w.pt", tmp_path / "m.json", tmp_path / "h.csv")  # fmt: skip
+    assert not (tmp_path / "w.pt").exists()
+
+
+def test_flips_move_image_and_map_together(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
+    maps = images[..., 0].astype(np.float32) / 255.0  # the map is a copy of the red channel
+    np.savez(tmp_path / "split.npz", images=images, labels=np.arange(10) % 2, maps=maps,
+             has_map=np.ones(10, bool), ids=np.array([f"i{k}" for k in range(10)]))  # fmt: skip
+    source = ArraySource(tmp_path / "split.npz")
+    flipped_any = False
+    for batch in source.batches(4, epoch=0, seed=1, shuffle=True, flip=True):
+        torch.testing.assert_close(batch.pixels[:, 0], batch.maps)
+        flipped_any = True
+    assert flipped_any
+    # Order and flips depend only on (seed, epoch).
+    a = [b.pixels for b in source.batches(4, epoch=2, seed=1, flip=True)]
+    b = [b.pixels for b in source.batches(4, epoch=2, seed=1, flip=True)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_weight_decay_skips_biases_norms_and_tokens():
+    row = {"model": "v", "timm_name": "vit_tiny_patch16_224",
+           "timm_kwargs": json.dumps({"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2})}  # fmt: skip
+    model = build_model(row, 4)
+    decay, no_decay = parameter_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert "pos_embed" not in decayed and "cls_token" not in decayed
+    assert not any(n.endswith(".bias") or ".norm" in n or n.startswith("norm") for n in decayed)
+    assert "blocks.0.attn.qkv.weight" in decayed
+    assert no_decay["weight_decay"] == 0.0
+
+
+def test_madry_examples_stay_in_the_eps_ball_and_the_image():
+    torch.manual_seed(0)
+    model = build_model(ROW, 4)
+    net = torch.nn.Sequential(model)
+    pixels = torch.rand(5, 3, 32, 32)
+    objective = MadryObjective(eps=8 / 255, steps=3, step_scale=2.5, label_smoothing=0.0)
+    net.train()
+    adversarial = objective.perturb(net, pixels, torch.tensor([0, 1, 2, 3, 0]))
+    assert net.training  # mode restored
+    assert (adversarial - pixels).abs().max() <= 8 / 255 + 1e-6
+    assert adversarial.min() >= 0 and adversarial.max() <= 1
+    assert (adversarial - pixels).abs().max() > 4 / 255  # it moved
+    assert math.isfinite(float(adversarial.sum()))
