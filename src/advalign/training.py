@@ -361,6 +361,7 @@ def _check_double_backward(net, source, device, name: str) -> None:
     """Fail early, in one line, for a model whose ops cannot be differentiated twice."""
     batch = next(source.batches(2, shuffle=False)).to(device)
     pixels = batch.pixels.requires_grad_(True)
+    net.eval()  # the probe must not move BatchNorm running statistics
     try:
         logits = net(pixels)
         (grad,) = torch.autograd.grad(logits[:, 0].sum(), pixels, create_graph=True)
