@@ -11,6 +11,11 @@ loss = CE(label smoothing) + lambda * sum_levels MSE(P_l(z+(s)), P_l(z+(h) * max
 * only images that have a human map count (``has_map``); the loss is the mean over them,
   so lambda means the same whatever fraction of images carries a map.
 
+Under mixup (advalign.data.training_sources.mixup) a batch carries the partner labels
+``mix_labels`` and the weight ``mix_weight`` = lam of ``labels``: the cross-entropy is
+``lam * CE(y) + (1 - lam) * CE(y')`` and the saliency differentiates the mixed logit
+``lam * logit_y + (1 - lam) * logit_y'``, the quantity mixup trains the network to output.
+
 The weight-decay term of the original (lambda_wd * sum of squared non-norm weights) lives
 in the optimizer's parameter groups (see advalign.training.parameter_groups).
 """
@@ -61,15 +66,40 @@ def standardize_cut(maps: torch.Tensor, eps: float = STANDARDIZE_EPS) -> torch.T
     return F.relu((maps - mean) / (std + eps))
 
 
-def saliency_maps(logits: torch.Tensor, pixels: torch.Tensor, labels: torch.Tensor, create_graph: bool = True):
-    """d(true-class logit)/d(pixels), mean over channels: [N, H, W].
+def saliency_maps(
+    logits: torch.Tensor,
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    create_graph: bool = True,
+    mix_labels: torch.Tensor | None = None,
+    mix_weight: float = 1.0,
+):
+    """d(true-class logit)/d(pixels), mean over channels: [N, H, W] (float32).
 
     ``pixels`` must require grad and ``logits`` must depend on it. Summing the selected
-    logits gives every image its own gradient in one backward pass.
+    logits gives every image its own gradient in one backward pass. With mixup the
+    selected logit is ``mix_weight * logit_label + (1 - mix_weight) * logit_mix_label``.
     """
-    selected = logits.gather(1, labels.view(-1, 1)).sum()
-    (grad,) = torch.autograd.grad(selected, pixels, create_graph=create_graph)
-    return grad.mean(dim=1)
+    selected = logits.gather(1, labels.view(-1, 1))
+    if mix_labels is not None and mix_weight != 1.0:
+        selected = mix_weight * selected + (1.0 - mix_weight) * logits.gather(1, mix_labels.view(-1, 1))
+    (grad,) = torch.autograd.grad(selected.sum(), pixels, create_graph=create_graph)
+    return grad.float().mean(dim=1)
+
+
+def mixed_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    label_smoothing: float = 0.1,
+    mix_labels: torch.Tensor | None = None,
+    mix_weight: float = 1.0,
+) -> torch.Tensor:
+    """Label-smoothed cross-entropy (in float32); under mixup the lam-weighted sum over both labels."""
+    logits = logits.float()
+    ce = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    if mix_labels is None or mix_weight == 1.0:
+        return ce
+    return mix_weight * ce + (1.0 - mix_weight) * F.cross_entropy(logits, mix_labels, label_smoothing=label_smoothing)
 
 
 def pyramidal_alignment_loss(
@@ -102,14 +132,17 @@ def harmonizer_terms(
     has_map: torch.Tensor,
     levels: int = 5,
     label_smoothing: float = 0.1,
+    mix_labels: torch.Tensor | None = None,
+    mix_weight: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(cross-entropy, pyramidal alignment loss) for one batch; total = ce + lambda * alignment.
 
     ``pixels`` is the [0, 1] input that required grad before the forward pass that made
-    ``logits``; the alignment term is differentiable with respect to the weights.
+    ``logits``; the alignment term is differentiable with respect to the weights. Both
+    terms are computed in float32 whatever precision the forward pass ran in.
     """
-    ce = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    ce = mixed_cross_entropy(logits, labels, label_smoothing, mix_labels, mix_weight)
     if not bool(has_map.any()):
-        return ce, logits.sum() * 0.0  # no human map in this batch: skip the double backward
-    saliency = saliency_maps(logits, pixels, labels, create_graph=True)
-    return ce, pyramidal_alignment_loss(saliency, human_maps, has_map, levels)
+        return ce, logits.float().sum() * 0.0  # no human map in this batch: skip the double backward
+    saliency = saliency_maps(logits, pixels, labels, True, mix_labels, mix_weight)
+    return ce, pyramidal_alignment_loss(saliency, human_maps.float(), has_map, levels)

@@ -1,126 +1,88 @@
 """Training the zoo's models: standard, harmonized, harmonizer-control and l_inf-robust.
 
-One loop (:func:`fit`) serves every kind; what differs is
+One entry point, :func:`train_model` (the ``train`` rule's script calls it), serves the
+synthetic benchmark on one CPU core and the paper on GPUs; what differs is configuration:
 
-* the *data source*: anything with ``num_classes``, ``image_size``, ``steps_per_epoch(b)`` and
-  ``batches(batch_size, epoch, seed, shuffle, flip)`` yielding :class:`Batch` -- here
-  :class:`ArraySource` (an NPZ split held in memory); ImageNet + ClickMe shards can be another;
-* the *objective*: a callable ``(net, batch) -> (loss, parts, logits)`` --
-  :class:`CrossEntropyObjective`, :class:`HarmonizerObjective`, :class:`MadryObjective`;
-* the optimizer and the learning-rate schedule (per step).
+* the *data source* (advalign.data.training_sources): :class:`ArraySource` for an NPZ
+  split, :class:`ImageNetClickMeSource` for the ImageNet index CSV joined with the ClickMe
+  training shards; chosen by the training input's suffix (``.npz`` / ``.csv``);
+* the *objective*: :class:`CrossEntropyObjective` (standard and control models),
+  :class:`HarmonizerObjective` (SPEC §4, advalign.harmonizer), :class:`MadryObjective`
+  (l_inf PGD adversarial training); lambda and eps come from the model's zoo row;
+* the *recipe* (config ``training``): AdamW or SGD with momentum; learning rate warm-up,
+  then cosine decay or step decays at epoch milestones (the paper: 30/50/80, x0.1);
+  label smoothing; weight decay on conv/linear weights only; flips and mixup applied to
+  image and map alike; bf16 autocast + TF32 on GPU (fp32 on CPU).
 
-Derived models (harmonized, control, robust) are fine-tuned from their base model's
-weights with the base model's normalisation, so the comparison with the base isolates the
-training objective. Robust models are fine-tuned too (Madry PGD on every batch): training
-them from scratch would cost (steps + 1) x a standard run, far over the demo's budget.
+Derived models either fine-tune their base model's weights (``training.derived_init:
+base``, the synthetic benchmark: the comparison with the base then isolates the objective)
+or train from scratch with the base's architecture and data config (``scratch``, the
+paper: its Table S2 accuracies are those of ImageNet-1k training from scratch).
+
+Processes: one process, or DistributedDataParallel over torchrun ranks (advalign.distributed
+explains the launch). Global batch = ``training.batch_size`` split evenly over ranks;
+every rank steps through the same epoch order (data_sources.EpochSampler) so a step sees
+the same images whatever the number of processes; metrics are summed over ranks; only
+rank 0 writes files.
+
+Resuming: a checkpoint (advalign.checkpoint) is written every ``training.checkpoint_every``
+optimizer steps (0: at the end of every epoch) and when the job receives SIGTERM
+(SLURM preemption / time limit); a restarted job continues from it to the same result.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import os
+import random
+import signal
 import sys
+import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from .columns import HISTORY_COLUMNS, SPLIT_ARRAYS, TRAIN_METRICS_KEYS, TRAINING_KINDS
-from .harmonizer import harmonizer_terms
-from .io import PipelineError, write_json, write_table
-from .models import build_model, load_model, save_trained, synthetic_data_config
+from . import checkpoint as ckpt
+from . import distributed
+from .columns import HISTORY_COLUMNS, TRAIN_METRICS_KEYS, TRAINING_KINDS
+from .data.training_sources import (
+    ArraySource,
+    Batch,
+    EpochSampler,
+    ImageNetClickMeSource,
+    batch_loader,
+    derive_seed,
+    mixup,
+)
+from .harmonizer import harmonizer_terms, mixed_cross_entropy
+from .io import PipelineError, read_json, write_json, write_table
+from .models import build_model, data_config as resolve_data_config, load_model, save_trained, synthetic_data_config
 
-# ---------------------------------------------------------------------------
-# Data sources
-# ---------------------------------------------------------------------------
+__all__ = [
+    "ArraySource",
+    "Batch",
+    "CrossEntropyObjective",
+    "HarmonizerObjective",
+    "MadryObjective",
+    "ImageNetClickMeSource",
+    "evaluate_accuracy",
+    "lr_factor",
+    "make_optimizer",
+    "parameter_groups",
+    "train_model",
+]
 
-
-@dataclass
-class Batch:
-    pixels: torch.Tensor  # float [B, 3, H, W] in [0, 1]
-    labels: torch.Tensor  # int64 [B]
-    maps: torch.Tensor  # float [B, H, W] human maps (zeros where has_map is False)
-    has_map: torch.Tensor  # bool [B]
-
-    def to(self, device) -> "Batch":
-        return Batch(*(t.to(device, non_blocking=True) for t in (self.pixels, self.labels, self.maps, self.has_map)))
-
-
-class ArraySource:
-    """One split NPZ (advalign.columns: images, labels, maps, has_map, ids) held in memory."""
-
-    def __init__(self, path, num_classes: int | None = None):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise PipelineError(f"{self.path}: data split not found")
-        try:
-            with np.load(self.path, allow_pickle=False) as data:
-                missing = [k for k in SPLIT_ARRAYS if k not in data.files]
-                if missing:
-                    raise PipelineError(f"{self.path}: missing array(s) {', '.join(missing)}")
-                images, labels = data["images"], data["labels"]
-                maps, has_map = data["maps"], data["has_map"]
-        except (OSError, ValueError) as exc:
-            raise PipelineError(f"{self.path}: not a readable NPZ ({exc})") from None
-        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-            raise PipelineError(f"{self.path}: images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
-        n, height, width, _ = images.shape
-        if labels.shape != (n,) or maps.shape != (n, height, width) or has_map.shape != (n,):
-            raise PipelineError(f"{self.path}: labels/maps/has_map do not match {n} images of {height}x{width}")
-        if n == 0:
-            raise PipelineError(f"{self.path}: no images")
-        if height != width:
-            raise PipelineError(f"{self.path}: images must be square, got {height}x{width}")
-        self.num_classes = int(num_classes if num_classes is not None else labels.max() + 1)
-        if labels.min() < 0 or labels.max() >= self.num_classes:
-            raise PipelineError(f"{self.path}: labels outside 0..{self.num_classes - 1}")
-        self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()  # uint8
-        self.labels = torch.from_numpy(labels.astype(np.int64))
-        self.maps = torch.from_numpy(maps.astype(np.float32))
-        self.has_map = torch.from_numpy(has_map.astype(bool))
-        self.image_size = int(height)
-
-    def __len__(self) -> int:
-        return self.labels.shape[0]
-
-    def steps_per_epoch(self, batch_size: int) -> int:
-        return math.ceil(len(self) / batch_size)
-
-    def channel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """Per-channel mean and std of the pixels in [0, 1]: the normalisation trained models use."""
-        pixels = self.images.double().div_(255.0)
-        mean = pixels.mean(dim=(0, 2, 3))
-        std = pixels.std(dim=(0, 2, 3))
-        return tuple(mean.tolist()), tuple(std.tolist())
-
-    def batches(self, batch_size: int, epoch: int = 0, seed: int = 0, shuffle: bool = True, flip: bool = False):
-        """Yield Batches; the order and flips of an epoch depend only on (seed, epoch).
-
-        A flip mirrors the image and its human map together (SPEC §2: one spatial transform).
-        """
-        generator = torch.Generator().manual_seed(_derive_seed(seed, epoch))
-        order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
-        flips = torch.rand(len(self), generator=generator) < 0.5 if flip else torch.zeros(len(self), dtype=torch.bool)
-        for start in range(0, len(self), batch_size):
-            index = order[start : start + batch_size]
-            pixels = self.images[index].float().div_(255.0)
-            maps = self.maps[index].clone()
-            mirror = flips[index]
-            if bool(mirror.any()):
-                pixels[mirror] = pixels[mirror].flip(-1)
-                maps[mirror] = maps[mirror].flip(-1)
-            yield Batch(pixels, self.labels[index], maps, self.has_map[index])
-
-
-def _derive_seed(seed: int, *stream: int) -> int:
-    """A 63-bit seed for one stream (epoch, purpose) of a run, stable across platforms."""
-    return int(np.random.SeedSequence([int(seed), *map(int, stream)]).generate_state(1, np.uint64)[0] >> 1)
-
+log = logging.getLogger(__name__)
+IMAGENET_CLASSES = 1000
+# Recipe keys that change how a job runs but not what it computes: a checkpoint stays valid.
+_NOT_HASHED = ("threads", "checkpoint_every", "loader_workers")
 
 # ---------------------------------------------------------------------------
 # Networks and objectives
@@ -141,81 +103,98 @@ class Normalize(nn.Module):
         return self.model((pixels - self.mean) / self.std)
 
 
-class CrossEntropyObjective:
-    """Standard and control training: label-smoothed cross-entropy."""
+class _Objective:
+    """``objective(net, batch, progress, plain) -> (loss, parts, logits)``; ``net`` may be the
+    DDP wrapper, ``plain`` is the module itself (for passes that must not touch DDP's
+    gradient hooks). ``autocast`` is set by the trainer (bf16 on GPU)."""
 
     uses_harmonizer = False
 
+    def __init__(self):
+        self.autocast = contextlib.nullcontext
+
+
+class CrossEntropyObjective(_Objective):
+    """Standard and control training: label-smoothed cross-entropy (mixed under mixup)."""
+
     def __init__(self, label_smoothing: float):
+        super().__init__()
         self.label_smoothing = label_smoothing
 
-    def __call__(self, net, batch: Batch, progress: float):
-        logits = net(batch.pixels)
-        ce = F.cross_entropy(logits, batch.labels, label_smoothing=self.label_smoothing)
+    def __call__(self, net, batch: Batch, progress: float, plain=None):
+        with self.autocast():
+            logits = net(batch.pixels)
+        ce = mixed_cross_entropy(logits, batch.labels, self.label_smoothing, batch.mix_labels, batch.mix_weight)
         return ce, {"ce": ce.detach()}, logits
 
 
-class HarmonizerObjective:
+class HarmonizerObjective(_Objective):
     """CE + lambda * pyramidal saliency/human-map loss (SPEC §4; advalign.harmonizer).
 
-    lambda ramps linearly from 0 over the first ``warmup`` fraction of training: the
-    alignment gradient of a freshly loaded model is large and would otherwise wreck the
-    classifier in the first steps.
+    lambda may ramp linearly from 0 over the first ``warmup`` fraction of training: the
+    alignment gradient of a freshly initialised model is large and can wreck the
+    classifier in the first steps. The saliency is differentiated outside autocast.
     """
 
     uses_harmonizer = True
 
     def __init__(self, weight: float, levels: int, label_smoothing: float, warmup: float = 0.0):
+        super().__init__()
         self.weight = float(weight)
         self.levels = int(levels)
         self.label_smoothing = label_smoothing
         self.warmup = float(warmup)
 
-    def __call__(self, net, batch: Batch, progress: float):
+    def __call__(self, net, batch: Batch, progress: float, plain=None):
         pixels = batch.pixels.requires_grad_(True)
-        logits = net(pixels)
+        with self.autocast():
+            logits = net(pixels)
         ce, alignment = harmonizer_terms(
-            logits, pixels, batch.labels, batch.maps, batch.has_map, self.levels, self.label_smoothing
-        )
+            logits, pixels, batch.labels, batch.maps, batch.has_map, self.levels, self.label_smoothing,
+            batch.mix_labels, batch.mix_weight,
+        )  # fmt: skip
         ramp = min(1.0, progress / self.warmup) if self.warmup > 0 else 1.0
         loss = ce + self.weight * ramp * alignment
         return loss, {"ce": ce.detach(), "harmonizer": alignment.detach()}, logits
 
 
-class MadryObjective:
+class MadryObjective(_Objective):
     """l_inf adversarial training (Madry et al.): CE on PGD examples found in the eps-ball.
 
     PGD starts uniformly inside the ball, takes ``steps`` sign steps of ``step_scale * eps / steps``
-    and is run with the network in eval mode, so BatchNorm statistics only see the batch the
-    weights are trained on.
+    and is run with the network in eval mode (on the plain module, outside DDP), so BatchNorm
+    statistics only see the batch the weights are trained on.
     """
 
-    uses_harmonizer = False
-
     def __init__(self, eps: float, steps: int, step_scale: float, label_smoothing: float):
+        super().__init__()
         self.eps = float(eps)
         self.steps = int(steps)
         self.step = float(step_scale) * self.eps / self.steps
         self.label_smoothing = label_smoothing
 
-    def perturb(self, net, pixels, labels):
+    def perturb(self, net, pixels, labels, mix_labels=None, mix_weight: float = 1.0):
         was_training = net.training
         net.eval()
         delta = (torch.rand_like(pixels) * 2 - 1) * self.eps
         delta = (pixels + delta).clamp_(0, 1) - pixels
         for _ in range(self.steps):
             delta.requires_grad_(True)
-            loss = F.cross_entropy(net(pixels + delta), labels)
+            with self.autocast():
+                logits = net(pixels + delta)
+            loss = mixed_cross_entropy(logits, labels, 0.0, mix_labels, mix_weight)
             (grad,) = torch.autograd.grad(loss, delta)
             delta = (delta.detach() + self.step * grad.sign()).clamp_(-self.eps, self.eps)
             delta = (pixels + delta).clamp_(0, 1) - pixels
         net.train(was_training)
         return (pixels + delta).detach()
 
-    def __call__(self, net, batch: Batch, progress: float):
-        adversarial = self.perturb(net, batch.pixels, batch.labels)
-        logits = net(adversarial)
-        ce = F.cross_entropy(logits, batch.labels, label_smoothing=self.label_smoothing)
+    def __call__(self, net, batch: Batch, progress: float, plain=None):
+        adversarial = self.perturb(plain if plain is not None else net, batch.pixels, batch.labels,
+                                   batch.mix_labels, batch.mix_weight)  # fmt: skip
+        with self.autocast():
+            logits = net(adversarial)
+        ce = mixed_cross_entropy(logits, batch.labels, self.label_smoothing, batch.mix_labels, batch.mix_weight)
         return ce, {"ce": ce.detach()}, logits
 
 
@@ -241,7 +220,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def make_optimizer(model: nn.Module, recipe: dict) -> torch.optim.Optimizer:
     """AdamW (decoupled decay: the demo's small models train from scratch in a few epochs) or
-    SGD with momentum (the paper's recipe; its coupled decay is the original's lambda_wd * L2 term)."""
+    SGD with (Nesterov) momentum, the paper's recipe. SGD's coupled decay ``wd * theta`` is the
+    gradient of the original's ``lambda_wd * sum(theta^2)`` term with lambda_wd = wd / 2."""
     groups = parameter_groups(model, float(recipe["weight_decay"]))
     if recipe["optimizer"] == "adamw":
         return torch.optim.AdamW(groups, lr=float(recipe["lr"]))
@@ -250,90 +230,254 @@ def make_optimizer(model: nn.Module, recipe: dict) -> torch.optim.Optimizer:
     raise PipelineError(f"training.optimizer {recipe['optimizer']!r} is not one of adamw, sgd")
 
 
-def warmup_cosine(peak_lr: float, total_steps: int, warmup_steps: int):
-    """lr(step): linear warm-up to ``peak_lr``, then cosine decay to zero at ``total_steps``."""
+def lr_factor(schedule: str, total_steps: int, warmup_steps: int, steps_per_epoch: int,
+              milestones=(), decay: float = 0.1):  # fmt: skip
+    """factor(step) of the peak learning rate: linear warm-up over ``warmup_steps``, then
 
-    def lr_at(step: int) -> float:
+    * ``cosine``: cosine decay to zero at ``total_steps``;
+    * ``step``: multiplied by ``decay`` at each epoch in ``milestones`` (the paper: 30, 50, 80).
+    """
+    if schedule not in ("cosine", "step"):
+        raise PipelineError(f"training.lr_schedule {schedule!r} is not one of cosine, step")
+    boundaries = sorted(int(round(float(m) * steps_per_epoch)) for m in milestones)
+
+    def factor(step: int) -> float:
         if step < warmup_steps:
-            return peak_lr * (step + 1) / warmup_steps
-        span = max(1, total_steps - warmup_steps)
-        return peak_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps) / span)))
+            return (step + 1) / warmup_steps
+        if schedule == "cosine":
+            span = max(1, total_steps - warmup_steps)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps) / span)))
+        return float(decay) ** sum(step >= b for b in boundaries)
 
-    return lr_at
+    return factor
 
 
-def fit(net, source, objective, optimizer, lr_at, epochs: int, batch_size: int, seed: int, flip: bool,
-        device="cpu", desc="train") -> list[dict]:  # fmt: skip
-    """The training loop: one history row (HISTORY_COLUMNS) per epoch."""
-    steps_per_epoch = source.steps_per_epoch(batch_size)
-    total_steps = epochs * steps_per_epoch
-    history = []
-    step = 0
-    with tqdm(total=total_steps, desc=desc, unit="step", file=sys.stderr, mininterval=5.0) as progress:
-        for epoch in range(epochs):
-            # Dropout, drop-path and PGD starts draw from the global generator: seed it per
-            # epoch, so an epoch's randomness never depends on what ran before it.
-            torch.manual_seed(_derive_seed(seed, epoch, 1))
-            net.train()
-            started = time.time()
-            sums = {"loss": 0.0, "ce": 0.0, "harmonizer": 0.0, "correct": 0, "seen": 0}
-            for batch in source.batches(batch_size, epoch=epoch, seed=seed, shuffle=True, flip=flip):
-                batch = batch.to(device)
-                lr = lr_at(step)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss, parts, logits = objective(net, batch, step / max(1, total_steps))
-                if not torch.isfinite(loss):
-                    raise PipelineError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                n = batch.labels.shape[0]
-                sums["loss"] += loss.item() * n
-                sums["ce"] += parts["ce"].item() * n
-                sums["harmonizer"] += parts.get("harmonizer", torch.tensor(0.0)).item() * n
-                sums["correct"] += int((logits.detach().argmax(1) == batch.labels).sum())
-                sums["seen"] += n
-                step += 1
-                progress.update(1)
-                progress.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", refresh=False)
-            seen = sums["seen"]
-            history.append(
-                {
-                    "epoch": epoch + 1,
-                    "train_loss": sums["loss"] / seen,
-                    "train_ce": sums["ce"] / seen,
-                    "train_harmonizer": sums["harmonizer"] / seen if objective.uses_harmonizer else float("nan"),
-                    "train_accuracy": sums["correct"] / seen,
-                    "lr": lr,
-                    "seconds": time.time() - started,
-                }
-            )
-    return history
+# ---------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def evaluate_accuracy(net, source, batch_size: int = 256, device="cpu") -> float:
-    """Top-1 accuracy of ``net`` (on [0, 1] pixels) over a whole source, in eval mode, no flips."""
+def evaluate_accuracy(net, source, batch_size: int = 256, device="cpu", ctx: distributed.Context | None = None,
+                      workers: int = 0) -> float:  # fmt: skip
+    """Top-1 accuracy of ``net`` (on [0, 1] pixels) over a whole source, in eval mode, no flips,
+    in float32. In a distributed run every rank scores every world-th image and the counts
+    are summed, so each image counts exactly once."""
+    ctx = ctx or distributed.Context(device=torch.device(device))
     net.eval()
+    mine = list(range(ctx.rank, len(source), ctx.world_size))
+    batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
     correct = 0
-    for batch in source.batches(batch_size, shuffle=False, flip=False):
-        batch = batch.to(device)
+    for batch in batch_loader(source, batches, epoch=0, seed=0, flip=False, workers=workers):
+        batch = batch.to(ctx.device)
         correct += int((net(batch.pixels).argmax(1) == batch.labels).sum())
-    return correct / len(source)
+    totals = distributed.all_reduce_sum([correct, len(mine)], ctx)
+    return float(totals[0] / totals[1])
+
+
+# ---------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------
+
+
+class _Preemption:
+    """SIGTERM (SLURM preemption or time limit) sets a flag; the loop then checkpoints and stops."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class Trainer:
+    """Runs the epochs of one job, checkpointing and resuming (see the module docstring)."""
+
+    # Per-epoch running sums: loss*n, ce*n, harmonizer*n, correct, seen.
+    _SUMS = 5
+
+    def __init__(self, ctx, net, plain, source, objective, optimizer, scheduler, recipe: dict, seed: int,
+                 desc: str, checkpoint_path: Path, checkpoint_hash: str):  # fmt: skip
+        self.ctx, self.net, self.plain, self.source = ctx, net, plain, source
+        self.objective, self.optimizer, self.scheduler = objective, optimizer, scheduler
+        self.seed, self.desc = int(seed), desc
+        self.epochs = int(recipe["epochs"])
+        self.flip = bool(recipe["augment_flip"])
+        self.mixup_alpha = float(recipe.get("mixup_alpha", 0.0) or 0.0)
+        self.workers = int(recipe.get("loader_workers", 0) or 0)
+        self.checkpoint_every = int(recipe.get("checkpoint_every", 0) or 0)
+        self.sampler = EpochSampler(len(source), int(recipe["batch_size"]), ctx.world_size, ctx.rank, seed)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        self.total_steps = self.epochs * self.steps_per_epoch
+        self.checkpoint_path, self.checkpoint_hash = Path(checkpoint_path), checkpoint_hash
+        self.step = self.epoch = self.batch = 0
+        self.history: list[dict] = []
+        self.sums = torch.zeros(self._SUMS, dtype=torch.float64)
+        self.epoch_seconds = 0.0
+        self.elapsed_before = self.cpu_before = 0.0
+        self.resumed_from = 0
+        self.lr = float(optimizer.param_groups[0]["lr"])
+
+    # -- checkpoints ---------------------------------------------------------
+
+    def resume(self) -> bool:
+        state = ckpt.load(self.checkpoint_path, self.checkpoint_hash)
+        if state is None:
+            return False
+        self.plain.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch, self.batch = int(state["step"]), int(state["epoch"]), int(state["batch"])
+        self.history = [dict(row) for row in state["history"]]
+        # The running sums were summed over ranks when saved: rank 0 carries them on.
+        self.sums = state["epoch_sums"].double().clone() if self.ctx.is_main else torch.zeros(self._SUMS, dtype=torch.float64)
+        self.epoch_seconds = float(state["epoch_seconds"])
+        self.elapsed_before, self.cpu_before = float(state["elapsed_seconds"]), float(state["cpu_seconds"])
+        self.lr = float(state["lr"])
+        ckpt.set_rng_state(state["rng"][self.ctx.rank], self.ctx.device)
+        self.resumed_from = self.step
+        log.info("%s: resumed from %s at step %d (epoch %d, batch %d)", self.desc, self.checkpoint_path,
+                 self.step, self.epoch + 1, self.batch)  # fmt: skip
+        return True
+
+    def save(self, elapsed: float, cpu: float) -> None:
+        rng = distributed.gather_objects(ckpt.rng_state(self.ctx.device), self.ctx)
+        sums = distributed.all_reduce_sum(self.sums, self.ctx)
+        if not self.ctx.is_main:
+            return
+        ckpt.save(
+            self.checkpoint_path,
+            {
+                "spec_hash": self.checkpoint_hash,
+                "step": self.step,
+                "epoch": self.epoch,
+                "batch": self.batch,
+                "model": self.plain.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "history": self.history,
+                "epoch_sums": sums,
+                "epoch_seconds": self.epoch_seconds,
+                "elapsed_seconds": self.elapsed_before + elapsed,
+                "cpu_seconds": self.cpu_before + cpu,
+                "lr": self.lr,
+                "rng": rng,
+                "world_size": self.ctx.world_size,
+            },
+        )
+
+    # -- epochs --------------------------------------------------------------
+
+    def _epoch_seed(self) -> int:
+        # Dropout, drop-path and PGD starts draw from the global generator: seed it per epoch
+        # (and rank), so an epoch's randomness never depends on what ran before it.
+        stream = (self.epoch, 1) if self.ctx.rank == 0 else (self.epoch, 1, self.ctx.rank)
+        return derive_seed(self.seed, *stream)
+
+    def _finish_epoch(self) -> None:
+        loss, ce, harmonizer, correct, seen = distributed.all_reduce_sum(self.sums, self.ctx).tolist()
+        self.history.append(
+            {
+                "epoch": self.epoch + 1,
+                "train_loss": loss / seen,
+                "train_ce": ce / seen,
+                "train_harmonizer": harmonizer / seen if self.objective.uses_harmonizer else float("nan"),
+                "train_accuracy": correct / seen,
+                "lr": self.lr,
+                "seconds": self.epoch_seconds,
+            }
+        )
+        self.epoch += 1
+        self.batch = 0
+
+    def run(self) -> list[dict]:
+        ctx = self.ctx
+        started_wall, started_cpu = time.time(), time.process_time()
+        spent = lambda: (time.time() - started_wall, time.process_time() - started_cpu)  # noqa: E731
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=self.desc, unit="step", file=sys.stderr,
+                   mininterval=5.0, disable=not ctx.is_main)  # fmt: skip
+        with bar, _Preemption() as preemption:
+            while self.epoch < self.epochs:
+                if self.batch == 0:
+                    torch.manual_seed(self._epoch_seed())
+                    self.sums.zero_()
+                    self.epoch_seconds = 0.0
+                self.sampler.set_epoch(self.epoch)
+                self.sampler.set_start(self.batch)
+                loader = batch_loader(
+                    self.source, self.sampler.batches(), self.epoch, self.seed, self.flip, self.workers,
+                    generator_seed=derive_seed(self.seed, self.epoch, self.batch, ctx.rank, 3),
+                    pin_memory=ctx.device.type == "cuda",
+                )  # fmt: skip
+                self.net.train()
+                tick = time.time()
+                for batch in loader:
+                    self._train_step(batch)
+                    now = time.time()
+                    self.epoch_seconds += now - tick
+                    tick = now
+                    bar.update(1)
+                    if self.batch == self.steps_per_epoch:
+                        self._finish_epoch()
+                    due = (self.checkpoint_every > 0 and self.step % self.checkpoint_every == 0) or (
+                        self.checkpoint_every == 0 and self.batch == 0
+                    )
+                    stop = distributed.any_rank(preemption.requested, ctx) if ctx.distributed else preemption.requested
+                    if due or stop:
+                        self.save(*spent())
+                    if stop:
+                        raise PipelineError(
+                            f"{self.desc}: stopped by SIGTERM at step {self.step}/{self.total_steps}; "
+                            f"checkpoint {self.checkpoint_path} saved, a rerun resumes from it"
+                        )
+                    if self.batch == 0:
+                        break  # the epoch is complete
+                if self.batch != 0:
+                    raise PipelineError(f"{self.desc}: the data loader ended after {self.batch} of {self.steps_per_epoch} batches")
+        self.elapsed, self.cpu = (a + b for a, b in zip((self.elapsed_before, self.cpu_before), spent()))
+        return self.history
+
+    def _train_step(self, batch: Batch) -> None:
+        batch = batch.to(self.ctx.device)
+        if self.mixup_alpha > 0:
+            batch = mixup(batch, self.mixup_alpha, self.seed, self.epoch, self.step, self.ctx.rank)
+        self.lr = float(self.optimizer.param_groups[0]["lr"])
+        loss, parts, logits = self.objective(self.net, batch, self.step / max(1, self.total_steps), self.plain)
+        if not torch.isfinite(loss):
+            raise PipelineError(f"{self.desc}: loss became {loss.item()} at epoch {self.epoch + 1}, step {self.step + 1}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        n = len(batch)
+        harmonizer = parts.get("harmonizer")
+        self.sums += torch.tensor(
+            [
+                loss.item() * n,
+                parts["ce"].item() * n,
+                harmonizer.item() * n if harmonizer is not None else 0.0,
+                int((logits.detach().argmax(1) == batch.labels).sum()),
+                n,
+            ],
+            dtype=torch.float64,
+        )
+        self.step += 1
+        self.batch += 1
 
 
 # ---------------------------------------------------------------------------
 # One training job (the `train` rule)
 # ---------------------------------------------------------------------------
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("device is 'cuda' but no GPU is visible")
-    return torch.device(device)
 
 
 def _objective(kind: str, row: dict, recipe: dict):
@@ -359,7 +503,7 @@ def _objective(kind: str, row: dict, recipe: dict):
 
 def _check_double_backward(net, source, device, name: str) -> None:
     """Fail early, in one line, for a model whose ops cannot be differentiated twice."""
-    batch = next(source.batches(2, shuffle=False)).to(device)
+    batch = source.load(list(range(min(2, len(source))))).to(device)
     pixels = batch.pixels.requires_grad_(True)
     net.eval()  # the probe must not move BatchNorm running statistics
     try:
@@ -372,82 +516,220 @@ def _check_double_backward(net, source, device, name: str) -> None:
         net.zero_grad(set_to_none=True)
 
 
-def train_model(job: dict, train_path, heldout_path, base_weights, out_weights, out_metrics, out_history) -> dict:
-    """Train one zoo model as ``job`` says; write weights.pt, metrics.json and history.csv.
+def _precision(recipe: dict, device: torch.device):
+    """(name, autocast factory): bf16 autocast + TF32 on GPU by default, fp32 on CPU."""
+    wanted = recipe.get("precision", "auto")
+    if device.type != "cuda":
+        return "fp32", contextlib.nullcontext
+    name = "bf16" if wanted == "auto" else wanted
+    torch.backends.cuda.matmul.allow_tf32 = name in ("tf32", "bf16")
+    torch.backends.cudnn.allow_tf32 = name in ("tf32", "bf16")
+    if name == "bf16":
+        return name, lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return name, contextlib.nullcontext
 
-    job = {"model": zoo row, "recipe": config ``training`` (with derived overrides applied),
-    "device": "cpu" | "cuda" | "auto", "seed": int}. Returns the metrics.
-    """
-    row, recipe = dict(job["model"]), dict(job["recipe"])
-    name, kind, seed = row["model"], row.get("training") or "standard", int(job.get("seed", 0))
-    if recipe.get("mixup_alpha", 0.0):
-        raise PipelineError(f"{name}: training.mixup_alpha > 0 is not supported yet (set it to 0)")
-    device = _resolve_device(job.get("device", "cpu"))
-    started_wall, started_cpu = time.time(), time.process_time()
-    torch.manual_seed(_derive_seed(seed, 0, 0))
-    np.random.seed(_derive_seed(seed, 0, 0) % 2**32)
 
-    train = ArraySource(train_path)
-    heldout = ArraySource(heldout_path, num_classes=train.num_classes)
-    if heldout.image_size != train.image_size:
-        raise PipelineError(f"{heldout_path}: {heldout.image_size}px images, {train_path} has {train.image_size}px")
-    double_backward = kind == "harmonized"
-    model = build_model(row, train.num_classes, double_backward=double_backward)
-
+def _model_and_data(ctx, row, kind, recipe, job, train_path, heldout_path, base_weights, clickme_shards):
+    """(model, data config, train source, held-out source) of one job."""
+    name = row["model"]
+    arrays = Path(train_path).suffix == ".npz"
+    if arrays:
+        train = ArraySource(train_path)
+        heldout = ArraySource(heldout_path, num_classes=train.num_classes)
+        if heldout.image_size != train.image_size:
+            raise PipelineError(f"{heldout_path}: {heldout.image_size}px images, {train_path} has {train.image_size}px")
+        num_classes = train.num_classes
+    else:
+        num_classes = IMAGENET_CLASSES
+    model = build_model(row, num_classes, double_backward=kind == "harmonized")
+    init = recipe.get("derived_init", "base")
     if kind == "standard":
+        if not arrays:
+            raise PipelineError(f"{name}: standard models are trained on the synthetic benchmark only (paper: weights cache)")
         mean, std = train.channel_stats()
         config = synthetic_data_config(train.image_size, mean, std)
-    else:
-        if not base_weights:
-            raise PipelineError(f"{name}: {kind} training fine-tunes its base model, but no base weights were given")
+    elif base_weights:
         base, base_meta = load_model(base_weights, row={**row, "model": row.get("base_model") or name})
-        if int(base_meta["num_classes"]) != train.num_classes:
+        if int(base_meta["num_classes"]) != num_classes:
             raise PipelineError(
-                f"{name}: base weights {base_weights} have {base_meta['num_classes']} classes, data has {train.num_classes}"
+                f"{name}: base weights {base_weights} have {base_meta['num_classes']} classes, data has {num_classes}"
             )
-        model.load_state_dict(base.state_dict())
-        config = base_meta["data_config"]  # keep the base model's normalisation and input size
+        if init == "base":
+            model.load_state_dict(base.state_dict())
+        config = base_meta["data_config"]  # the base model's normalisation and input size
         del base
-    if tuple(config["input_size"][-2:]) != (train.image_size, train.image_size):
-        raise PipelineError(f"{name}: model input {config['input_size']} but training images are {train.image_size}px")
+    elif init == "base":
+        raise PipelineError(f"{name}: {kind} training fine-tunes its base model, but no base weights were given")
+    else:
+        config = resolve_data_config(model)  # timm's data config of the (tagged) architecture
+    if arrays:
+        if tuple(config["input_size"][-2:]) != (train.image_size, train.image_size):
+            raise PipelineError(f"{name}: model input {config['input_size']} but training images are {train.image_size}px")
+    else:
+        verify = bool(job.get("verify_crc", True))
+        train = ImageNetClickMeSource(train_path, config, clickme_shards, verify, num_classes)
+        heldout = ImageNetClickMeSource(heldout_path, config, (), verify, num_classes)
+        if ctx.is_main:
+            log.info("%s: %d ImageNet + %d ClickMe training images (with maps), %d validation images",
+                     name, train.n_imagenet, train.n_clickme, len(heldout))  # fmt: skip
+    return model, config, train, heldout
 
-    net = Normalize(model, config["mean"], config["std"]).to(device)
-    if double_backward:
-        _check_double_backward(net, train, device, name)
-    objective = _objective(kind, row, recipe)
-    optimizer = make_optimizer(model, recipe)
-    epochs, batch_size = int(recipe["epochs"]), int(recipe["batch_size"])
-    steps_per_epoch = train.steps_per_epoch(batch_size)
-    lr_at = warmup_cosine(
-        float(recipe["lr"]), epochs * steps_per_epoch, int(round(float(recipe["warmup_epochs"]) * steps_per_epoch))
+
+def _hash_spec(job, recipe, ctx, inputs) -> str:
+    return ckpt.spec_hash(
+        {
+            "model": job["model"],
+            "recipe": {k: v for k, v in recipe.items() if k not in _NOT_HASHED},
+            "seed": int(job.get("seed", 0)),
+            "device": ctx.device.type,
+            "world_size": ctx.world_size,
+            "inputs": [ckpt.file_identity(p) for p in inputs],
+        }
     )
-    history = fit(net, train, objective, optimizer, lr_at, epochs, batch_size, seed,
-                  flip=bool(recipe["augment_flip"]), device=device, desc=name)  # fmt: skip
-    accuracy = evaluate_accuracy(net, heldout, device=device)
 
-    meta = {
-        "model_row": row,
-        "num_classes": train.num_classes,
-        "data_config": config,
-        "training": kind,
-        "seed": seed,
-        "heldout_accuracy": accuracy,
-    }
-    save_trained(model, meta, out_weights)
+
+def _train(ctx, job, train_path, heldout_path, base_weights, out_weights, out_metrics, out_history, clickme_shards):
+    row, recipe = dict(job["model"]), dict(job["recipe"])
+    name, kind, seed = row["model"], row.get("training") or "standard", int(job.get("seed", 0))
+    if int(recipe["batch_size"]) % ctx.world_size:
+        raise PipelineError(f"{name}: training.batch_size {recipe['batch_size']} is not divisible by {ctx.world_size} processes")
+    torch.manual_seed(derive_seed(seed, 0, 0))
+    np.random.seed(derive_seed(seed, 0, 0) % 2**32)
+    random.seed(derive_seed(seed, 0, 0))
+    precision, autocast = _precision(recipe, ctx.device)
+
+    model, config, train, heldout = _model_and_data(
+        ctx, row, kind, recipe, job, train_path, heldout_path, base_weights, clickme_shards
+    )
+    plain = Normalize(model, config["mean"], config["std"]).to(ctx.device)
+    if kind == "harmonized":
+        _check_double_backward(plain, train, ctx.device, name)
+    objective = _objective(kind, row, recipe)
+    objective.autocast = autocast
+    optimizer = make_optimizer(model, recipe)
+    epochs = int(recipe["epochs"])
+    steps_per_epoch = EpochSampler(len(train), int(recipe["batch_size"]), ctx.world_size, ctx.rank, seed).steps_per_epoch
+    factor = lr_factor(
+        recipe.get("lr_schedule", "cosine"),
+        epochs * steps_per_epoch,
+        int(round(float(recipe["warmup_epochs"]) * steps_per_epoch)),
+        steps_per_epoch,
+        recipe.get("lr_milestones", ()),
+        float(recipe.get("lr_decay", 0.1)),
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if ctx.distributed:
+        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(plain, device_ids=ids)
+    else:
+        net = plain
+
+    checkpoint_path = Path(out_weights).with_name("checkpoint.pt")
+    inputs = [train_path, heldout_path, base_weights, *clickme_shards]
+    trainer = Trainer(ctx, net, plain, train, objective, optimizer, scheduler, {**recipe, "epochs": epochs}, seed,
+                      name, checkpoint_path, _hash_spec(job, recipe, ctx, inputs))  # fmt: skip
+    if ctx.is_main:
+        ckpt.remove_stale_temporaries(checkpoint_path)
+    trainer.resume()
+    history = trainer.run()
+    accuracy = evaluate_accuracy(plain, heldout, batch_size=256, ctx=ctx, workers=trainer.workers)
+
     metrics = {
         "model": name,
         "training": kind,
         "heldout_accuracy": accuracy,
         "n_heldout": len(heldout),
         "epochs": epochs,
-        "train_seconds": time.time() - started_wall,
+        "train_seconds": trainer.elapsed,
         "final_train_loss": history[-1]["train_loss"],
         "seed": seed,
-        # Beyond the contract: CPU seconds (comparable across loaded machines) and the step count.
-        "cpu_seconds": time.process_time() - started_cpu,
-        "steps": epochs * steps_per_epoch,
+        # Beyond the contract: what was trained and how.
+        "base_model": row.get("base_model") or "",
+        "harmonizer_lambda": objective.weight if kind == "harmonized" else None,
+        "robust_eps": objective.eps if kind == "robust" else None,
+        "heldout_set": str(heldout_path),
+        "cpu_seconds": trainer.cpu,  # rank 0's CPU seconds (comparable across loaded machines)
+        "steps": trainer.total_steps,
+        "resumed_from_step": trainer.resumed_from,
+        "world_size": ctx.world_size,
+        "precision": precision,
+        "device": ctx.device.type,
     }
     assert all(key in metrics for key in TRAIN_METRICS_KEYS)
-    write_table(pd.DataFrame(history, columns=list(HISTORY_COLUMNS)), out_history)
-    write_json(metrics, out_metrics)
+    if ctx.is_main:
+        meta = {
+            "model_row": row,
+            "num_classes": train.num_classes,
+            "data_config": config,
+            "training": kind,
+            "seed": seed,
+            "heldout_accuracy": accuracy,
+        }
+        save_trained(model, meta, out_weights)
+        write_table(pd.DataFrame(history, columns=list(HISTORY_COLUMNS)), out_history)
+        write_json(metrics, out_metrics)
+        checkpoint_path.unlink(missing_ok=True)
+    distributed.barrier(ctx)
     return metrics
+
+
+def train_model(job: dict, train_path, heldout_path, base_weights, out_weights, out_metrics, out_history,
+                clickme_shards=(), processes: int = 1, nodes: int = 1) -> dict:  # fmt: skip
+    """Train one zoo model as ``job`` says; write weights.pt, metrics.json and history.csv.
+
+    job = {"model": zoo row, "recipe": config ``training`` (with derived overrides applied),
+    "device": "cpu" | "cuda" | "auto", "seed": int[, "verify_crc": bool]}. ``train_path`` /
+    ``heldout_path``: NPZ splits, or (paper) ImageNet index CSVs with ``clickme_shards``.
+    ``processes`` per node x ``nodes`` > 1 re-launches this function under torchrun
+    (advalign.distributed). Returns the metrics.
+    """
+    if processes * nodes > 1 and not distributed.in_torchrun():
+        spec = {
+            "job": job,
+            "train_path": str(train_path),
+            "heldout_path": str(heldout_path),
+            "base_weights": str(base_weights) if base_weights else None,
+            "out_weights": str(out_weights),
+            "out_metrics": str(out_metrics),
+            "out_history": str(out_history),
+            "clickme_shards": [str(p) for p in clickme_shards],
+            "threads": int(job.get("recipe", {}).get("threads", 1)),
+        }
+        distributed.launch(spec, Path(out_weights).with_name("launch.json"), processes, nodes)
+        return read_json(out_metrics)
+    ctx = distributed.setup(job.get("device", "cpu"))
+    try:
+        return _train(ctx, job, train_path, heldout_path, base_weights, out_weights, out_metrics, out_history,
+                      [str(p) for p in clickme_shards])  # fmt: skip
+    finally:
+        distributed.teardown(ctx)
+
+
+def main(argv=None) -> int:
+    """``python -m advalign.training launch.json``: one rank of a torchrun job (advalign.distributed)."""
+    from .stage import configure_logging
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m advalign.training LAUNCH_SPEC.json", file=sys.stderr)
+        return 2
+    spec_path = Path(argv[0])
+    rank = int(os.environ.get("RANK", "0"))
+    configure_logging(sys.stderr)
+    try:
+        spec = distributed.read_spec(spec_path)
+        nproc = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        torch.set_num_threads(max(1, int(spec.get("threads", 1)) // nproc))
+        train_model(
+            spec["job"], spec["train_path"], spec["heldout_path"], spec["base_weights"], spec["out_weights"],
+            spec["out_metrics"], spec["out_history"], clickme_shards=spec.get("clickme_shards", ()),
+        )  # fmt: skip
+    except PipelineError as exc:
+        distributed.write_error(spec_path, rank, str(exc))
+        print(f"error (rank {rank}): {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -80,6 +80,37 @@ def iter_records(path: str | Path, verify_crc: bool = True) -> Iterator[tuple[Re
             index += 1
 
 
+def scan_records(path: str | Path) -> list[RecordSpan]:
+    """The spans of every record of a TFRecord file, from the record headers alone.
+
+    Seeks past the payloads instead of reading them, so indexing a large shard costs one
+    small read per record; the length checksum of every header is still verified, and
+    :func:`read_record` verifies a payload when it is read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: TFRecord shard not found")
+    size = path.stat().st_size
+    spans = []
+    with open(path, "rb") as fh:
+        offset = 0
+        while offset < size:
+            where = f"{path}: record {len(spans)} at byte {offset}"
+            fh.seek(offset)
+            header = fh.read(_HEADER.size)
+            if len(header) < _HEADER.size:
+                raise PipelineError(f"{where}: truncated header ({len(header)} of {_HEADER.size} bytes)")
+            length, length_crc = _HEADER.unpack(header)
+            if masked_crc32c(header[:8]) != length_crc:
+                raise PipelineError(f"{where}: length checksum mismatch (corrupt or not a TFRecord file)")
+            end = offset + _HEADER.size + length + _FOOTER.size
+            if end > size:
+                raise PipelineError(f"{where}: truncated record (file ends inside a {length}-byte record)")
+            spans.append(RecordSpan(len(spans), offset, length))
+            offset = end
+    return spans
+
+
 def read_record(path: str | Path, span: RecordSpan, verify_crc: bool = True) -> bytes:
     """Read one record again from its span (found by :func:`iter_records`)."""
     path = Path(path)
