@@ -105,12 +105,15 @@ def training_params(wildcards):
         recipe["lr"] = recipe["finetune_lr"]
         if row["training"] == "harmonized" and row["harmonizer_lambda"] is None:
             row["harmonizer_lambda"] = recipe["harmonizer"]["default_lambda"]
-    return {
+    job = {
         "model": row,
         "recipe": recipe,
         "device": config["device"],
         "seed": config["seed"],
     }
+    if not SYNTHETIC:
+        job["verify_crc"] = config["data"]["paper"]["clickme"]["verify_crc"]
+    return job
 
 
 def job_resource(rule_name, key, synthetic_value):
@@ -171,9 +174,38 @@ def imagenet_source(split):
 def training_inputs(wildcards):
     inputs = training_data_inputs()
     base = ZOO_ROWS[wildcards.model]["base_model"]
-    if ZOO_ROWS[wildcards.model]["training"] != "standard" and base:
+    derived = ZOO_ROWS[wildcards.model]["training"] != "standard"
+    # From scratch, a derived model takes only its architecture and data config from the base.
+    if derived and base and config["training"]["derived_init"] == "base":
         inputs["base_weights"] = model_weights(base)
     return inputs
+
+
+def train_layout():
+    """(GPUs, nodes) of a training job: one process per GPU, launched by torchrun when there
+    is more than one (advalign.distributed); several nodes need >= 2 GPUs on each."""
+    gpus, nodes = job_resource("train", "gpu", 0), job_resource("train", "nodes", 1)
+    if nodes > 1 and (gpus % nodes or gpus // nodes < 2):
+        raise WorkflowError(
+            f"data.paper.resources.train: {gpus} GPUs on {nodes} nodes; a multi-node job needs a "
+            "multiple of the node count and at least 2 GPUs per node"
+        )
+    return gpus, nodes
+
+
+def train_threads():
+    """CPUs of a training job on its (first) node: training.threads per process."""
+    gpus, nodes = train_layout()
+    return config["training"]["threads"] * max(1, gpus // nodes)
+
+
+def train_multinode(value):
+    """A resource only multi-node training jobs set (else None = unset): they are MPI-style
+    jobs of the SLURM executor, so the script's own srun starts torchrun on every node."""
+    gpus, nodes = train_layout()
+    if nodes == 1:
+        return None
+    return {"mpi": "srun", "tasks_per_node": gpus // nodes, "cpus_per_task": config["training"]["threads"]}[value]
 
 
 def figure_outputs():

@@ -1,5 +1,8 @@
 # Training: standard models from scratch (embedded default), and the derived
-# harmonized / control / robust models fine-tuned from their base model.
+# harmonized / control / robust models, from their base model (advalign.training).
+# A job with gpu=G runs G DistributedDataParallel processes through torchrun, on
+# `nodes` nodes (advalign.distributed); it checkpoints next to its outputs and
+# resumes from there when rerun after a kill or preemption.
 
 
 rule train:
@@ -13,11 +16,15 @@ rule train:
         "logs/train/{model}.log",
     conda:
         "../../envs/torch.yaml"
-    threads: config["training"]["threads"]
+    threads: train_threads()
     resources:
         gpu=job_resource("train", "gpu", 0),
+        nodes=job_resource("train", "nodes", 1),
         runtime=job_resource("train", "runtime", 60),
         mem_mb=job_resource("train", "mem_mb", 4000),
+        mpi=train_multinode("mpi"),
+        tasks_per_node=train_multinode("tasks_per_node"),
+        cpus_per_task=train_multinode("cpus_per_task"),
     params:
         job=training_params,
     script:

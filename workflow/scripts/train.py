@@ -1,10 +1,18 @@
-"""Snakemake script: train one model (standard, harmonized, control or robust)."""
+"""Snakemake script: train one model (standard, harmonized, control or robust).
+
+One process per GPU of the job (resources gpu / nodes): with more than one, train_model
+re-launches itself under torchrun (advalign.distributed); otherwise it trains here.
+"""
 
 from advalign.stage import run
 from advalign.training import train_model
 
 
 def main(smk):
+    gpus = int(smk.resources.get("gpu", 0) or 0)
+    nodes = int(smk.resources.get("nodes", 1) or 1)
+    clickme = smk.input.get("clickme", [])  # paper: the ClickMe training shards
+    clickme = [clickme] if isinstance(clickme, str) else list(clickme or [])
     train_model(
         smk.params.job,
         train_path=smk.input.train,
@@ -13,6 +21,9 @@ def main(smk):
         out_weights=smk.output.weights,
         out_metrics=smk.output.metrics,
         out_history=smk.output.history,
+        clickme_shards=clickme,
+        processes=max(1, gpus // nodes),
+        nodes=nodes,
     )
 
 
