@@ -182,8 +182,10 @@ def test_missing_or_mismatched_weights_are_one_line_errors(base, tmp_path):
 def test_bad_jobs_fail_in_one_line(data, base, tmp_path):
     with pytest.raises(PipelineError, match="no base weights"):
         _train(data, "x", "control", None, _recipe(epochs=1))
-    with pytest.raises(PipelineError, match="mixup_alpha"):
-        _train(data, "x", recipe=_recipe(mixup_alpha=0.2))
+    with pytest.raises(PipelineError, match="training.optimizer 'rmsprop'"):
+        _train(data, "x", recipe=_recipe(optimizer="rmsprop"))
+    with pytest.raises(PipelineError, match="training.lr_schedule 'linear'"):
+        _train(data, "x", recipe=_recipe(lr_schedule="linear"))
     with pytest.raises(PipelineError, match="robust_eps"):
         _train(data, "x", "robust", base / "weights.pt", _recipe(epochs=1))
     with pytest.raises(PipelineError, match="data split not found"):

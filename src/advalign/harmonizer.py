@@ -29,6 +29,11 @@ STANDARDIZE_EPS = 1e-5
 _BINOMIAL_TAPS = (1.0, 4.0, 6.0, 4.0, 1.0)
 
 
+def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 (autocast) -> float32; float32 and float64 unchanged."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 def binomial_kernel(dtype=torch.float32, device=None) -> torch.Tensor:
     """The 5x5 binomial (Gaussian-approximating) kernel, summing to 1."""
     taps = torch.tensor(_BINOMIAL_TAPS, dtype=dtype, device=device)
@@ -74,7 +79,7 @@ def saliency_maps(
     mix_labels: torch.Tensor | None = None,
     mix_weight: float = 1.0,
 ):
-    """d(true-class logit)/d(pixels), mean over channels: [N, H, W] (float32).
+    """d(true-class logit)/d(pixels), mean over channels: [N, H, W] (at least float32).
 
     ``pixels`` must require grad and ``logits`` must depend on it. Summing the selected
     logits gives every image its own gradient in one backward pass. With mixup the
@@ -84,7 +89,7 @@ def saliency_maps(
     if mix_labels is not None and mix_weight != 1.0:
         selected = mix_weight * selected + (1.0 - mix_weight) * logits.gather(1, mix_labels.view(-1, 1))
     (grad,) = torch.autograd.grad(selected.sum(), pixels, create_graph=create_graph)
-    return grad.float().mean(dim=1)
+    return _at_least_float32(grad).mean(dim=1)
 
 
 def mixed_cross_entropy(
@@ -94,8 +99,8 @@ def mixed_cross_entropy(
     mix_labels: torch.Tensor | None = None,
     mix_weight: float = 1.0,
 ) -> torch.Tensor:
-    """Label-smoothed cross-entropy (in float32); under mixup the lam-weighted sum over both labels."""
-    logits = logits.float()
+    """Label-smoothed cross-entropy (at least float32); under mixup the lam-weighted sum over both labels."""
+    logits = _at_least_float32(logits)
     ce = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
     if mix_labels is None or mix_weight == 1.0:
         return ce
@@ -139,10 +144,10 @@ def harmonizer_terms(
 
     ``pixels`` is the [0, 1] input that required grad before the forward pass that made
     ``logits``; the alignment term is differentiable with respect to the weights. Both
-    terms are computed in float32 whatever precision the forward pass ran in.
+    terms are computed in (at least) float32 whatever precision the forward pass ran in.
     """
     ce = mixed_cross_entropy(logits, labels, label_smoothing, mix_labels, mix_weight)
     if not bool(has_map.any()):
-        return ce, logits.float().sum() * 0.0  # no human map in this batch: skip the double backward
+        return ce, _at_least_float32(logits).sum() * 0.0  # no human map in this batch: skip the double backward
     saliency = saliency_maps(logits, pixels, labels, True, mix_labels, mix_weight)
-    return ce, pyramidal_alignment_loss(saliency, human_maps.float(), has_map, levels)
+    return ce, pyramidal_alignment_loss(saliency, _at_least_float32(human_maps), has_map, levels)

@@ -66,6 +66,12 @@ class Batch:
         mix = self.mix_labels.to(device, non_blocking=True) if self.mix_labels is not None else None
         return Batch(**moved, mix_labels=mix, mix_weight=self.mix_weight)
 
+    def pin_memory(self) -> "Batch":
+        """Called by a DataLoader with pin_memory=True (GPU training)."""
+        pinned = {name: getattr(self, name).pin_memory() for name in ("pixels", "labels", "maps", "has_map")}
+        mix = self.mix_labels.pin_memory() if self.mix_labels is not None else None
+        return Batch(**pinned, mix_labels=mix, mix_weight=self.mix_weight)
+
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
