@@ -59,7 +59,7 @@ def test_paper_config_derived_models_are_table_s2():
     lambdas = harmonized.groupby("base_model")["harmonizer_lambda"].apply(sorted).to_dict()
     assert lambdas == {
         "vgg16": [2.0],
-        "resnet50": [2.0],
+        "resnetv2_50": [2.0],  # "one ResNet50_v2" (§2, Appendix B)
         "efficientnet_b0": [20.0],
         "vit_base_patch16_224": [5.0],
         "convnext_tiny": [1.0, 2.0, 3.0, 5.0, 8.0, 10.0],

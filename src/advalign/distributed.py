@@ -133,8 +133,13 @@ def barrier(ctx: Context) -> None:
 
 def _first_slurm_host() -> str:
     nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if not nodelist and job_id and shutil.which("squeue"):
+        # The SLURM executor's job step keeps only SLURM_JOB_ID of the allocation's variables.
+        listed = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%N"], capture_output=True, text=True, check=False)
+        nodelist = listed.stdout.strip() if listed.returncode == 0 else ""
     if not nodelist:
-        raise PipelineError("a multi-node training job must run inside a SLURM allocation (no SLURM_JOB_NODELIST)")
+        raise PipelineError("a multi-node training job must run inside a SLURM allocation (no node list found)")
     if shutil.which("scontrol") is None:
         raise PipelineError("scontrol not found: cannot resolve the first host of the SLURM allocation")
     hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=False)
@@ -184,14 +189,17 @@ def launch(spec: dict, spec_path: Path, nproc_per_node: int, nnodes: int = 1) ->
     command = launch_command(spec_path, nproc_per_node, nnodes)
     print("launching: " + " ".join(command), file=sys.stderr, flush=True)
     env = dict(os.environ)
-    # Workers share the job's CPUs: give each its part for intra-op threads.
-    threads = max(1, int(spec.get("threads", 1)) // max(1, nproc_per_node))
-    env.setdefault("OMP_NUM_THREADS", str(threads))
+    # Each rank has training.threads CPUs, shared by its data-loader workers (one CPU each)
+    # and its own intra-op threads. (stage.run set OMP_NUM_THREADS for the whole job.)
+    env["OMP_NUM_THREADS"] = str(spec.get("rank_threads", 1))
     for name in ("stdout", "stderr"):
         stream = _stream(name)
         if stream is not None:
             stream.flush()
-    proc = subprocess.run(command, env=env, stdout=_stream("stdout"), stderr=_stream("stderr"), check=False)
+    try:
+        proc = subprocess.run(command, env=env, stdout=_stream("stdout"), stderr=_stream("stderr"), check=False)
+    finally:
+        spec_path.unlink(missing_ok=True)
     errors = sorted(spec_path.parent.glob(f"{spec_path.name}{ERROR_SUFFIX}.*"))
     message = errors[0].read_text().strip() if errors else ""
     for path in errors:
@@ -200,7 +208,6 @@ def launch(spec: dict, spec_path: Path, nproc_per_node: int, nnodes: int = 1) ->
         if message:
             raise PipelineError(message)
         raise PipelineError(f"distributed training failed (torchrun exit {proc.returncode}); see the log above")
-    spec_path.unlink(missing_ok=True)
 
 
 def read_spec(path) -> dict:

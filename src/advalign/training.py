@@ -79,7 +79,7 @@ __all__ = [
     "train_model",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("advalign.training")  # also when run as __main__ under torchrun
 IMAGENET_CLASSES = 1000
 # Recipe keys that change how a job runs but not what it computes: a checkpoint stays valid.
 _NOT_HASHED = ("threads", "checkpoint_every", "loader_workers")
@@ -684,6 +684,7 @@ def train_model(job: dict, train_path, heldout_path, base_weights, out_weights, 
     (advalign.distributed). Returns the metrics.
     """
     if processes * nodes > 1 and not distributed.in_torchrun():
+        recipe = job.get("recipe", {})
         spec = {
             "job": job,
             "train_path": str(train_path),
@@ -693,7 +694,8 @@ def train_model(job: dict, train_path, heldout_path, base_weights, out_weights, 
             "out_metrics": str(out_metrics),
             "out_history": str(out_history),
             "clickme_shards": [str(p) for p in clickme_shards],
-            "threads": int(job.get("recipe", {}).get("threads", 1)),
+            # Intra-op threads per rank: its training.threads CPUs less one per loader worker.
+            "rank_threads": max(1, int(recipe.get("threads", 1)) - int(recipe.get("loader_workers", 0) or 0)),
         }
         distributed.launch(spec, Path(out_weights).with_name("launch.json"), processes, nodes)
         return read_json(out_metrics)
@@ -718,8 +720,7 @@ def main(argv=None) -> int:
     configure_logging(sys.stderr)
     try:
         spec = distributed.read_spec(spec_path)
-        nproc = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        torch.set_num_threads(max(1, int(spec.get("threads", 1)) // nproc))
+        torch.set_num_threads(int(spec.get("rank_threads", 1)))
         train_model(
             spec["job"], spec["train_path"], spec["heldout_path"], spec["base_weights"], spec["out_weights"],
             spec["out_metrics"], spec["out_history"], clickme_shards=spec.get("clickme_shards", ()),

@@ -182,8 +182,8 @@ def training_inputs(wildcards):
 
 
 def train_layout():
-    """(GPUs, nodes) of a training job: one process per GPU, launched by torchrun when there
-    is more than one (advalign.distributed); several nodes need >= 2 GPUs on each."""
+    """(GPUs, nodes) of a training job: one process per GPU, launched by torchrun when
+    there is more than one (advalign.distributed); several nodes need >= 2 GPUs each."""
     gpus, nodes = job_resource("train", "gpu", 0), job_resource("train", "nodes", 1)
     if nodes > 1 and (gpus % nodes or gpus // nodes < 2):
         raise WorkflowError(
@@ -199,13 +199,18 @@ def train_threads():
     return config["training"]["threads"] * max(1, gpus // nodes)
 
 
-def train_multinode(value):
-    """A resource only multi-node training jobs set (else None = unset): they are MPI-style
-    jobs of the SLURM executor, so the script's own srun starts torchrun on every node."""
+def train_multinode(name):
+    """A resource that only multi-node training jobs set (None = unset): such jobs are
+    MPI-style jobs of the SLURM executor, whose script starts torchrun on every node."""
     gpus, nodes = train_layout()
     if nodes == 1:
         return None
-    return {"mpi": "srun", "tasks_per_node": gpus // nodes, "cpus_per_task": config["training"]["threads"]}[value]
+    if name == "mpi":
+        return "srun"
+    if name == "tasks_per_node":
+        # One task per GPU in the allocation; the script's srun starts one per node.
+        return gpus // nodes
+    return config["training"]["threads"]  # cpus_per_task
 
 
 def figure_outputs():
