@@ -15,7 +15,7 @@ rule attack:
         "../../envs/torch.yaml"
     threads: config["attacks"]["threads"]
     resources:
-        gpu=job_resource("attack", "gpu", 0),
+        gpu=job_resource("attack", "gpu", 1),
         runtime=job_resource("attack", "runtime", 30),
         mem_mb=job_resource("attack", "mem_mb", 4000),
     params:

@@ -18,7 +18,7 @@ rule train:
         "../../envs/torch.yaml"
     threads: train_threads()
     resources:
-        gpu=job_resource("train", "gpu", 0),
+        gpu=job_resource("train", "gpu", 1),
         nodes=job_resource("train", "nodes", 1),
         runtime=job_resource("train", "runtime", 60),
         mem_mb=job_resource("train", "mem_mb", 4000),
