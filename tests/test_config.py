@@ -79,6 +79,9 @@ def test_zoo_table_errors(tmp_path):
     table.write_text("model,timm_name,arch_class,famly\nm1,resnet18,CNN,ResNet\n")
     with pytest.raises(PipelineError, match="missing column"):
         load_zoo(validate_config(cfg))
+    table.write_text('model,timm_name,timm_kwargs,arch_class,family\nm1,resnet18,{"a": 1, "b": 2},CNN,ResNet\n')
+    with pytest.raises(PipelineError, match="row 2 has 6 fields, the header 5"):
+        load_zoo(validate_config(cfg))
     with pytest.raises(PipelineError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
 

@@ -21,7 +21,11 @@ def read_zoo_table(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: zoo table not found")
-    table = pd.read_csv(path, dtype=str, keep_default_na=False, comment="#")
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, comment="#", index_col=False)
+    except pd.errors.ParserError as exc:
+        raise PipelineError(f"{path}: not a valid CSV ({str(exc).strip()})") from None
+    _check_field_counts(path)
     missing = [c for c in REQUIRED_TABLE_COLUMNS if c not in table.columns]
     if missing:
         raise PipelineError(f"{path}: missing column(s) {', '.join(missing)} (expected {', '.join(ZOO_COLUMNS)})")
@@ -47,6 +51,21 @@ def read_zoo_table(path: str | Path) -> pd.DataFrame:
         if not isinstance(kwargs, dict):
             raise PipelineError(f"{where}: timm_kwargs must be a JSON object")
     return table
+
+
+def _check_field_counts(path: Path) -> None:
+    """A JSON cell left unquoted splits into extra fields; name the row instead of misreading it."""
+    import csv
+
+    with open(path, newline="") as fh:
+        rows = [r for r in csv.reader(fh) if r and not r[0].startswith("#")]
+    width = len(rows[0]) if rows else 0
+    for number, row in enumerate(rows[1:], start=2):
+        if len(row) != width:
+            raise PipelineError(
+                f"{path}: row {number} has {len(row)} fields, the header {width} "
+                '(quote a JSON timm_kwargs cell: "{""img_size"": 32}")'
+            )
 
 
 def _as_float(value) -> float:
