@@ -6,6 +6,8 @@ every test that inspects its outputs or plans reruns against it.
 
 from __future__ import annotations
 
+import json
+
 import shutil
 import subprocess
 import sys
@@ -13,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -68,3 +71,26 @@ def tiny_run(tmp_path_factory) -> CompletedRun:
 def demo_run(tmp_path_factory) -> CompletedRun:
     """The whole DAG on the embedded default, exactly as `make demo` runs it."""
     return _complete_run(tmp_path_factory, "demo", None)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a test module on one torch thread, restoring the previous count afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# A resnet10t small enough to train in seconds on CPU, shared by the training tests.
+TINY_RESNET_ROW = {
+    "model": "tiny_resnet",
+    "timm_name": "resnet10t",
+    "timm_kwargs": json.dumps({"channels": [8, 16, 32, 64], "stem_width": 8}),
+    "arch_class": "CNN",
+    "family": "ResNet",
+    "training": "standard",
+    "base_model": "",
+    "harmonizer_lambda": None,
+    "robust_eps": None,
+}

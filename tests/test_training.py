@@ -13,21 +13,12 @@ import torch
 from advalign import columns
 from advalign.config import validate_config
 from advalign.data.synthetic import write_synthetic_dataset
+from conftest import TINY_RESNET_ROW
 from advalign.io import PipelineError, read_json
 from advalign.models import NormalizedModel, attacked_model, build_model, data_config, load_model
 from advalign.training import ArraySource, MadryObjective, parameter_groups, train_model
 
-ROW = {
-    "model": "tiny_resnet",
-    "timm_name": "resnet10t",
-    "timm_kwargs": json.dumps({"channels": [8, 16, 32, 64], "stem_width": 8}),
-    "arch_class": "CNN",
-    "family": "ResNet",
-    "training": "standard",
-    "base_model": "",
-    "harmonizer_lambda": None,
-    "robust_eps": None,
-}
+ROW = TINY_RESNET_ROW
 SPEC = {"n_classes": 4, "image_size": 32, "train_per_class": 24, "heldout_per_class": 6, "stimuli_per_class": 2}
 
 

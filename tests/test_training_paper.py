@@ -22,23 +22,14 @@ from advalign.data.imagenet import write_imagenet_index
 from advalign.data.synthetic import write_synthetic_dataset
 from advalign.data.training_sources import ArraySource, Batch, EpochSampler, ImageNetClickMeSource, mixup
 from advalign.harmonizer import pyramidal_alignment_loss, saliency_maps
+from conftest import TINY_RESNET_ROW
 from advalign.io import read_json
 from advalign.metrics import rowwise_spearman
 from advalign.models import load_model
 from advalign.training import lr_factor, train_model
 from paper_fixtures import build_imagenet_class_folders, write_clickme_shards
 
-RESNET = {
-    "model": "tiny_resnet",
-    "timm_name": "resnet10t",
-    "timm_kwargs": json.dumps({"channels": [8, 16, 32, 64], "stem_width": 8}),
-    "arch_class": "CNN",
-    "family": "ResNet",
-    "training": "standard",
-    "base_model": "",
-    "harmonizer_lambda": None,
-    "robust_eps": None,
-}
+RESNET = TINY_RESNET_ROW
 # LayerNorm only: with no BatchNorm, DDP and one process compute the same function.
 CONVNEXT = {
     **RESNET,
