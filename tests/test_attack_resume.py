@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from attack_helpers import coloured_squares, load_attacked_model, save_weights
 
 from advalign.attacks import chunk_dir_for, run_attack_job
