@@ -108,9 +108,13 @@ def test_images_without_a_map_contribute_nothing():
     changed_saliency[1] = torch.randn(16, 16) * 100
     changed_human[1] = 0.0
     assert pyramidal_alignment_loss(changed_saliency, changed_human, has_map).item() == pytest.approx(loss.item())
-    # The mean is over mapped images only: equal to the loss on those two alone.
+    # released_code: the whole batch is the denominator, so the third image dilutes the two;
+    # sum_levels_mean_mapped: the mean is over mapped images only, equal to those two alone.
     alone = pyramidal_alignment_loss(saliency[[0, 2]], human[[0, 2]], torch.tensor([True, True]))
-    assert loss.item() == pytest.approx(alone.item())
+    assert loss.item() == pytest.approx(alone.item() * 2 / 3)
+    literal = dict(reduction="sum_levels_mean_mapped")
+    alone_literal = pyramidal_alignment_loss(saliency[[0, 2]], human[[0, 2]], torch.tensor([True, True]), **literal)
+    assert pyramidal_alignment_loss(saliency, human, has_map, **literal).item() == pytest.approx(alone_literal.item())
     # No maps at all: exactly zero, and still part of the graph.
     empty = saliency.clone().requires_grad_(True)
     none = pyramidal_alignment_loss(empty, human, torch.zeros(3, dtype=torch.bool))

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -72,6 +75,26 @@ def test_dry_run_plans_the_derived_models_with_gpus(workdir):
     assert "resnetv2_50_harmonized" in jobs and "resnet50_harmonized" not in jobs
 
 
+def test_each_planned_job_records_the_harmonizer_scale_and_weight_decay(workdir):
+    # Snakemake's own plan (its API, as a dry run builds it): the parameters each job is given.
+    targets = [f"results/models/{model}/weights.pt" for model in _derived(workdir)]
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("planned_params.py")), "train", "config/paper.yaml",
+         "test_paper.yaml", "--", *targets],
+        cwd=workdir, capture_output=True, text=True, timeout=600, check=True,
+    )  # fmt: skip
+    params = {key.removeprefix("model="): value["job"] for key, value in json.loads(proc.stdout).items()}
+    lambdas = {spec["model"]: spec.get("harmonizer_lambda") for spec in yaml.safe_load(
+        (workdir / "config/paper.yaml").read_text())["zoo"]["derived"]}  # fmt: skip
+    assert set(params) == set(_derived(workdir)) and len(params) == 22
+    for model, job in params.items():
+        recipe = job["recipe"]
+        assert recipe["harmonizer"]["reduction"] == "released_code", model
+        assert recipe["weight_decay"] == 1e-5 and recipe["weight_decay_params"] == "released_code", model
+        if job["model"]["training"] == "harmonized":
+            assert job["model"]["harmonizer_lambda"] == lambdas[model]  # Table S2's value, on its own scale
+
+
 def test_multi_node_training_is_an_srun_job(workdir):
     (workdir / "two_nodes.yaml").write_text(
         yaml.safe_dump({"data": {"paper": {"resources": {"train": {"gpu": 8, "nodes": 2, "runtime": 60, "mem_mb": 1000}}}}})
@@ -116,6 +139,8 @@ def test_a_paper_training_job_runs_two_processes_through_snakemake(workdir):
     folder = workdir / "results/models/tiny_h"
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["training"] == "harmonized" and metrics["base_model"] == "tiny"
+    assert metrics["harmonizer"]["reduction"] == "released_code" and metrics["harmonizer"]["lambda"] == 1.0
+    assert metrics["weight_decay"]["params"] == "released_code"
     assert metrics["n_heldout"] == len(CLASSES) and metrics["heldout_set"] == "results/data/imagenet_val.csv"
     assert sorted(p.name for p in folder.iterdir()) == ["history.csv", "metrics.json", "weights.pt"]
     log = (workdir / "logs/train/tiny_h.log").read_text()

@@ -93,8 +93,9 @@ def test_training_is_deterministic(data, base, tmp_path):
 @pytest.fixture(scope="module")
 def derived(data, base):
     recipe = _recipe(epochs=1, lr=0.002)
+    # lambda 10 on the released code's scale = 1 of the literal formula (5 levels / map fraction 0.5).
     return {
-        "harmonized": _train(data, "tiny_h", "harmonized", base / "weights.pt", recipe, harmonizer_lambda=1.0),
+        "harmonized": _train(data, "tiny_h", "harmonized", base / "weights.pt", recipe, harmonizer_lambda=10.0),
         "control": _train(data, "tiny_c", "control", base / "weights.pt", recipe),
         "robust": _train(data, "tiny_r", "robust", base / "weights.pt", recipe, robust_eps=4 / 255),
     }

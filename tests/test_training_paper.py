@@ -99,8 +99,9 @@ def test_harmonizer_lowers_the_pyramid_loss_and_aligns_saliency_with_the_maps(da
     _train(data, tmp_path / "base", RESNET, _recipe(epochs=6, lr=0.01))
     base = tmp_path / "base" / "weights.pt"
     finetune = _recipe(epochs=3, lr=0.002)
+    # lambda 5 on the released code's scale (every image here has a map) = 1 summed over the 5 levels.
     _train(data, tmp_path / "h", {**RESNET, "model": "h"} | {"training": "harmonized", "base_model": "tiny_resnet",
-           "harmonizer_lambda": 1.0}, finetune, base)  # fmt: skip
+           "harmonizer_lambda": 5.0}, finetune, base)  # fmt: skip
     _train(data, tmp_path / "c", {**RESNET, "model": "c", "training": "control", "base_model": "tiny_resnet"}, finetune, base)
 
     history = pd.read_csv(tmp_path / "h" / "history.csv")
@@ -112,7 +113,7 @@ def test_harmonizer_lowers_the_pyramid_loss_and_aligns_saliency_with_the_maps(da
     c_loss, c_rho = _saliency_alignment(tmp_path / "c" / "weights.pt", data / "heldout.npz")
     assert h_loss < 0.95 * c_loss, (h_loss, c_loss)
     assert h_rho > c_rho + 0.05, (h_rho, c_rho)
-    assert read_json(tmp_path / "h" / "metrics.json")["harmonizer_lambda"] == 1.0
+    assert read_json(tmp_path / "h" / "metrics.json")["harmonizer_lambda"] == 5.0
 
 
 # ---------------------------------------------------------------------------
@@ -341,9 +342,15 @@ def test_paper_sources_train_a_harmonized_model_and_score_it_on_imagenet_val(tmp
                           **_outputs(tmp_path / "paper_h"), clickme_shards=shards)  # fmt: skip
     assert metrics["n_heldout"] == 5 and 0.0 <= metrics["heldout_accuracy"] <= 1.0
     assert metrics["heldout_set"].endswith("imagenet_val.csv") and metrics["precision"] == "fp32"
+    # Provenance: 8 of the 18 training images carry a ClickMe map, and every epoch sees all 18.
+    assert metrics["harmonizer"] == {"lambda": 2.0, "reduction": "released_code", "levels": 5,
+                                     "map_fraction_seen": pytest.approx(8 / 18)}  # fmt: skip
+    assert metrics["weight_decay"] == {"value": 1e-4, "params": "released_code",
+                                       "form": "coupled: gradient of value * sum(theta^2) / 2 (TF l2_loss)"}  # fmt: skip
     history = pd.read_csv(tmp_path / "paper_h" / "history.csv")
     assert history["train_harmonizer"].gt(0).all() and np.isfinite(history["train_loss"]).all()
     assert history["lr"].iloc[1] == pytest.approx(0.005)  # decayed at the epoch-1 milestone
+    assert history["train_map_fraction"].tolist() == pytest.approx([8 / 18, 8 / 18])
     model, meta = load_model(tmp_path / "paper_h" / "weights.pt", row=row)
     assert meta["num_classes"] == 1000
     assert meta["data_config"]["input_size"] == (3, 32, 32) and meta["data_config"]["interpolation"] == "bicubic"

@@ -78,7 +78,16 @@ TRAIN_METRICS_KEYS = (
     "final_train_loss",
     "seed",
 )
-HISTORY_COLUMNS = ("epoch", "train_loss", "train_ce", "train_harmonizer", "train_accuracy", "lr", "seconds")
+HISTORY_COLUMNS = (
+    "epoch",
+    "train_loss",
+    "train_ce",
+    "train_harmonizer",
+    "train_accuracy",
+    "train_map_fraction",  # images seen with a human map / images seen
+    "lr",
+    "seconds",
+)
 
 ATTACK_COLUMNS = (
     "image_id",

@@ -1,6 +1,7 @@
 """The neural harmonizer's alignment loss (SPEC §4), ported to PyTorch.
 
-loss = CE(label smoothing) + lambda * sum_levels MSE(P_l(z+(s)), P_l(z+(h) * max z+(s)))
+loss = CE(label smoothing) + lambda * A,  A built from the squared errors between
+P_l(z+(s)) and P_l(z+(h) * max z+(s)) at pyramid levels l = 0 .. L-1
 
 * s: saliency = d(true-class logit)/d(pixels), averaged over colour channels, computed
   with ``create_graph=True`` so the loss can be differentiated again (double backprop);
@@ -8,16 +9,27 @@ loss = CE(label smoothing) + lambda * sum_levels MSE(P_l(z+(s)), P_l(z+(h) * max
   h is then rescaled to the maximum of z+(s), with no gradient through that maximum;
 * P_l: level l of a pyramid built with the 5x5 binomial kernel [1,4,6,4,1] x [1,4,6,4,1] / 256
   and stride-2 downsampling; levels 0 .. L-1 (level 0 is the full-resolution map);
-* only images that have a human map count (``has_map``); the loss is the mean over them,
-  so lambda means the same whatever fraction of images carries a map.
+* only images that have a human map contribute (``has_map``); how the per-level, per-image
+  mean squared errors e[l, i] are reduced to one number is ``reduction``:
+
+  - ``released_code`` (default): mean over levels, then mean over the WHOLE batch with
+    the map flag as a per-image weight, A = sum_{i with map} sum_l e[l, i] / (L * N). This
+    is the arithmetic of the code that trained Table S2's models (serre-lab/Harmonization,
+    ``pyramidal_mse_with_tokens``), so a lambda here means what the paper's lambda meant:
+    images without a map dilute the term, and its strength scales with the map fraction f;
+  - ``sum_levels_mean_mapped``: sum over levels, mean over the images that have a map,
+    A = sum_{i with map} sum_l e[l, i] / n_map, the paper's compact formula read literally;
+    it is exactly L / f times ``released_code`` (5x on the demo's all-mapped batches).
 
 Under mixup (advalign.data.training_sources.mixup) a batch carries the partner labels
 ``mix_labels`` and the weight ``mix_weight`` = lam of ``labels``: the cross-entropy is
 ``lam * CE(y) + (1 - lam) * CE(y')`` and the saliency differentiates the mixed logit
 ``lam * logit_y + (1 - lam) * logit_y'``, the quantity mixup trains the network to output.
 
-The weight-decay term of the original (lambda_wd * sum of squared non-norm weights) lives
-in the optimizer's parameter groups (see advalign.training.parameter_groups).
+The weight-decay term of the original, lambda_wd * sum over decayed variables of
+``tf.nn.l2_loss(v)`` = lambda_wd * sum(v^2) / 2, lives in the optimizer's parameter groups:
+SGD's coupled decay ``wd * v`` is exactly its gradient with lambda_wd = wd (see
+advalign.training.parameter_groups and weight_decay_penalty).
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 STANDARDIZE_EPS = 1e-5
+REDUCTIONS = ("released_code", "sum_levels_mean_mapped")
 _BINOMIAL_TAPS = (1.0, 4.0, 6.0, 4.0, 1.0)
 
 
@@ -108,10 +121,18 @@ def mixed_cross_entropy(
 
 
 def pyramidal_alignment_loss(
-    saliency: torch.Tensor, human_maps: torch.Tensor, has_map: torch.Tensor, levels: int = 5
+    saliency: torch.Tensor,
+    human_maps: torch.Tensor,
+    has_map: torch.Tensor,
+    levels: int = 5,
+    reduction: str = "released_code",
 ) -> torch.Tensor:
-    """Sum over pyramid levels of the per-image MSE between the normalised saliency and human
-    maps, averaged over the images that have a human map (0 with a graph if none has)."""
+    """The alignment term A between [N, H, W] saliency and human maps (module docstring:
+    ``reduction`` says how levels and images are averaged). 0, with a graph, if no image has
+    a map; images without a map never enter the arithmetic (their maps may be anything)."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"harmonizer reduction {reduction!r} is not one of {', '.join(REDUCTIONS)}")
+    n_batch = saliency.shape[0]
     has_map = has_map.to(device=saliency.device, dtype=torch.bool)
     if not bool(has_map.any()):
         return saliency.sum() * 0.0  # keeps the graph; contributes nothing
@@ -123,9 +144,11 @@ def pyramidal_alignment_loss(
     s_max = s.detach().amax(dim=(-2, -1), keepdim=True)
     h_max = h.amax(dim=(-2, -1), keepdim=True)
     h = h / (h_max + 1e-6) * (s_max + 1e-6)
-    per_image = saliency.new_zeros(saliency.shape[0])
+    per_image = saliency.new_zeros(saliency.shape[0])  # sum over levels of each image's MSE
     for s_level, h_level in zip(pyramid(s, levels), pyramid(h, levels)):
         per_image = per_image + (s_level - h_level).pow(2).mean(dim=(-2, -1))
+    if reduction == "released_code":
+        return per_image.sum() / (levels * n_batch)
     return per_image.mean()
 
 
@@ -139,6 +162,7 @@ def harmonizer_terms(
     label_smoothing: float = 0.1,
     mix_labels: torch.Tensor | None = None,
     mix_weight: float = 1.0,
+    reduction: str = "released_code",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(cross-entropy, pyramidal alignment loss) for one batch; total = ce + lambda * alignment.
 
@@ -150,4 +174,4 @@ def harmonizer_terms(
     if not bool(has_map.any()):
         return ce, _at_least_float32(logits).sum() * 0.0  # no human map in this batch: skip the double backward
     saliency = saliency_maps(logits, pixels, labels, True, mix_labels, mix_weight)
-    return ce, pyramidal_alignment_loss(saliency, _at_least_float32(human_maps), has_map, levels)
+    return ce, pyramidal_alignment_loss(saliency, _at_least_float32(human_maps), has_map, levels, reduction)

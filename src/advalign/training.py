@@ -11,7 +11,8 @@ synthetic benchmark on one CPU core and the paper on GPUs; what differs is confi
   (l_inf PGD adversarial training); lambda and eps come from the model's zoo row;
 * the *recipe* (config ``training``): AdamW or SGD with momentum; learning rate warm-up,
   then cosine decay or step decays at epoch milestones (the paper: 30/50/80, x0.1);
-  label smoothing; weight decay on conv/linear weights only; flips and mixup applied to
+  label smoothing; weight decay on the parameter set ``training.weight_decay_params`` names
+  (:func:`parameter_groups`: the released harmonizer code's, or weights only); flips and mixup applied to
   image and map alike; bf16 autocast + TF32 on GPU (fp32 on CPU).
 
 Derived models either fine-tune their base model's weights (``training.derived_init:
@@ -77,6 +78,7 @@ __all__ = [
     "make_optimizer",
     "parameter_groups",
     "train_model",
+    "weight_decay_penalty",
 ]
 
 log = logging.getLogger("advalign.training")  # also when run as __main__ under torchrun
@@ -138,12 +140,14 @@ class HarmonizerObjective(_Objective):
 
     uses_harmonizer = True
 
-    def __init__(self, weight: float, levels: int, label_smoothing: float, warmup: float = 0.0):
+    def __init__(self, weight: float, levels: int, label_smoothing: float, warmup: float = 0.0,
+                 reduction: str = "released_code"):  # fmt: skip
         super().__init__()
         self.weight = float(weight)
         self.levels = int(levels)
         self.label_smoothing = label_smoothing
         self.warmup = float(warmup)
+        self.reduction = reduction
 
     def __call__(self, net, batch: Batch, progress: float, plain=None):
         pixels = batch.pixels.requires_grad_(True)
@@ -151,7 +155,7 @@ class HarmonizerObjective(_Objective):
             logits = net(pixels)
         ce, alignment = harmonizer_terms(
             logits, pixels, batch.labels, batch.maps, batch.has_map, self.levels, self.label_smoothing,
-            batch.mix_labels, batch.mix_weight,
+            batch.mix_labels, batch.mix_weight, self.reduction,
         )  # fmt: skip
         ramp = min(1.0, progress / self.warmup) if self.warmup > 0 else 1.0
         loss = ce + self.weight * ramp * alignment
@@ -203,26 +207,76 @@ class MadryObjective(_Objective):
 # ---------------------------------------------------------------------------
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on conv/linear weights only: not on biases, norm scales, position embeddings
-    or tokens (the original harmonizer's L2 term also skipped normalisation layers)."""
+# Substrings of the variable names the released harmonizer code kept out of its L2 term
+# (TF names: "bn/", "normalization", "embed", "Norm", "norm", "class_token"), as they read
+# in timm's parameter names; "bn/" is a BatchNorm layer, found by the module's type here.
+_RELEASED_NO_DECAY = ("norm", "Norm", "normalization", "embed", "class_token", "cls_token")
+_NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+WEIGHT_DECAY_PARAMS = ("released_code", "weights_only")
+
+
+def _decayed(model: nn.Module, rule: str):
+    """Yield (name, parameter, decayed?) for every trainable parameter under ``rule``:
+
+    * ``released_code``: every trainable variable except those of normalisation layers and
+      those whose name contains norm/Norm/normalization/embed/class token, biases included
+      (the released harmonizer loss: ``lambda_weights * sum(tf.nn.l2_loss(v))``);
+    * ``weights_only``: conv/linear weights only (ndim > 1), not biases, norm scales or the
+      model's ``no_weight_decay()`` tokens and position embeddings (timm's usual rule).
+    """
+    if rule not in WEIGHT_DECAY_PARAMS:
+        raise PipelineError(f"training.weight_decay_params {rule!r} is not one of {', '.join(WEIGHT_DECAY_PARAMS)}")
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    decay, no_decay = [], []
+    in_norm_layer = {
+        f"{module_name}.{name}" if module_name else name
+        for module_name, module in model.named_modules()
+        if isinstance(module, _NORM_LAYERS)
+        for name, _ in module.named_parameters(recurse=False)
+    }
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        if parameter.ndim <= 1 or name in skip or name.split(".")[-1] in skip:
-            no_decay.append(parameter)
+        if rule == "released_code":
+            keep = name not in in_norm_layer and not any(part in name for part in _RELEASED_NO_DECAY)
         else:
-            decay.append(parameter)
+            keep = parameter.ndim > 1 and name not in skip and name.split(".")[-1] not in skip
+        yield name, parameter, keep
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, rule: str = "weights_only") -> list[dict]:
+    """Two optimizer groups: the parameters ``rule`` decays (at ``weight_decay``) and the rest (at 0)."""
+    decay, no_decay = [], []
+    for _, parameter, keep in _decayed(model, rule):
+        (decay if keep else no_decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def weight_decay_penalty(model: nn.Module, weight_decay: float, rule: str = "released_code") -> torch.Tensor:
+    """The released code's weight term, ``weight_decay * sum(v^2) / 2`` over the decayed parameters
+    (TF's ``l2_loss`` halves the sum); its gradient ``weight_decay * v`` is what SGD's coupled
+    decay adds, so training never needs to compute this sum (it is logged and tested)."""
+    total = sum((parameter.double().pow(2).sum() for _, parameter, keep in _decayed(model, rule) if keep),
+                torch.zeros((), dtype=torch.float64))  # fmt: skip
+    return weight_decay * 0.5 * total
+
+
+def weight_decay_convention(recipe: dict) -> dict:
+    """What the optimizer's weight decay means, as recorded in metrics.json and the log."""
+    coupled = recipe["optimizer"] == "sgd"
+    return {
+        "value": float(recipe["weight_decay"]),
+        "params": recipe.get("weight_decay_params", "released_code"),
+        "form": "coupled: gradient of value * sum(theta^2) / 2 (TF l2_loss)" if coupled
+        else "decoupled (AdamW): theta *= 1 - lr * value",
+    }
 
 
 def make_optimizer(model: nn.Module, recipe: dict) -> torch.optim.Optimizer:
     """AdamW (decoupled decay: the demo's small models train from scratch in a few epochs) or
     SGD with (Nesterov) momentum, the paper's recipe. SGD's coupled decay ``wd * theta`` is the
-    gradient of the original's ``lambda_wd * sum(theta^2)`` term with lambda_wd = wd / 2."""
-    groups = parameter_groups(model, float(recipe["weight_decay"]))
+    gradient of the released code's ``lambda_wd * sum(tf.nn.l2_loss(theta))`` =
+    ``lambda_wd * sum(theta^2) / 2`` with lambda_wd = wd (l2_loss already halves the sum)."""
+    groups = parameter_groups(model, float(recipe["weight_decay"]), recipe.get("weight_decay_params", "released_code"))
     if recipe["optimizer"] == "adamw":
         return torch.optim.AdamW(groups, lr=float(recipe["lr"]))
     if recipe["optimizer"] == "sgd":
@@ -303,8 +357,8 @@ class _Preemption:
 class Trainer:
     """Runs the epochs of one job, checkpointing and resuming (see the module docstring)."""
 
-    # Per-epoch running sums: loss*n, ce*n, harmonizer*n, correct, seen.
-    _SUMS = 5
+    # Per-epoch running sums: loss*n, ce*n, harmonizer*n, correct, seen, seen with a human map.
+    _SUMS = 6
 
     def __init__(self, ctx, net, plain, source, objective, optimizer, scheduler, recipe: dict, seed: int,
                  desc: str, checkpoint_path: Path, checkpoint_hash: str):  # fmt: skip
@@ -385,7 +439,7 @@ class Trainer:
         return derive_seed(self.seed, *stream)
 
     def _finish_epoch(self) -> None:
-        loss, ce, harmonizer, correct, seen = distributed.all_reduce_sum(self.sums, self.ctx).tolist()
+        loss, ce, harmonizer, correct, seen, with_map = distributed.all_reduce_sum(self.sums, self.ctx).tolist()
         self.history.append(
             {
                 "epoch": self.epoch + 1,
@@ -393,6 +447,7 @@ class Trainer:
                 "train_ce": ce / seen,
                 "train_harmonizer": harmonizer / seen if self.objective.uses_harmonizer else float("nan"),
                 "train_accuracy": correct / seen,
+                "train_map_fraction": with_map / seen,
                 "lr": self.lr,
                 "seconds": self.epoch_seconds,
             }
@@ -468,6 +523,7 @@ class Trainer:
                 harmonizer.item() * n if harmonizer is not None else 0.0,
                 int((logits.detach().argmax(1) == batch.labels).sum()),
                 n,
+                int(batch.has_map.sum()),
             ],
             dtype=torch.float64,
         )
@@ -490,7 +546,8 @@ def _objective(kind: str, row: dict, recipe: dict):
         if weight is None or weight != weight:
             weight = harmonizer.get("default_lambda", 1.0)
         return HarmonizerObjective(
-            weight, harmonizer.get("levels", 5), smoothing, warmup=harmonizer.get("lambda_warmup", 0.0)
+            weight, harmonizer.get("levels", 5), smoothing, warmup=harmonizer.get("lambda_warmup", 0.0),
+            reduction=harmonizer.get("reduction", "released_code"),
         )
     if kind == "robust":
         eps = row.get("robust_eps")
@@ -607,6 +664,14 @@ def _train(ctx, job, train_path, heldout_path, base_weights, out_weights, out_me
     objective = _objective(kind, row, recipe)
     objective.autocast = autocast
     optimizer = make_optimizer(model, recipe)
+    decay = weight_decay_convention(recipe)
+    if ctx.is_main:
+        n_decayed = len(optimizer.param_groups[0]["params"])
+        log.info("%s: weight decay %g on %d of %d parameter tensors (%s), %s", name, decay["value"], n_decayed,
+                 n_decayed + len(optimizer.param_groups[1]["params"]), decay["params"], decay["form"])  # fmt: skip
+        if kind == "harmonized":
+            log.info("%s: harmonizer lambda %g, reduction %s, %d pyramid levels", name, objective.weight,
+                     objective.reduction, objective.levels)  # fmt: skip
     epochs = int(recipe["epochs"])
     steps_per_epoch = EpochSampler(len(train), int(recipe["batch_size"]), ctx.world_size, ctx.rank, seed).steps_per_epoch
     factor = lr_factor(
@@ -633,6 +698,10 @@ def _train(ctx, job, train_path, heldout_path, base_weights, out_weights, out_me
     trainer.resume()
     history = trainer.run()
     accuracy = evaluate_accuracy(plain, heldout, batch_size=256, ctx=ctx, workers=trainer.workers)
+    # Every epoch sees the same number of images, so the mean of the epochs' fractions is the run's.
+    map_fraction = float(np.mean([row["train_map_fraction"] for row in history]))
+    if ctx.is_main and kind == "harmonized":
+        log.info("%s: %.4f of the training images seen carried a human map", name, map_fraction)
 
     metrics = {
         "model": name,
@@ -646,6 +715,13 @@ def _train(ctx, job, train_path, heldout_path, base_weights, out_weights, out_me
         # Beyond the contract: what was trained and how.
         "base_model": row.get("base_model") or "",
         "harmonizer_lambda": objective.weight if kind == "harmonized" else None,
+        "harmonizer": {
+            "lambda": objective.weight,
+            "reduction": objective.reduction,
+            "levels": objective.levels,
+            "map_fraction_seen": map_fraction,
+        } if kind == "harmonized" else None,
+        "weight_decay": decay,
         "robust_eps": objective.eps if kind == "robust" else None,
         "heldout_set": str(heldout_path),
         "cpu_seconds": trainer.cpu,  # rank 0's CPU seconds (comparable across loaded machines)
