@@ -131,11 +131,15 @@ def load_attacked_model(weights_path, row: dict, device):
 def torchattacks_reference_search(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config) -> dict:
     """Algorithm 1 one image at a time, each attack a fresh torchattacks PGDL2 / PGD call.
 
-    Same decisions as advalign.attacks.minimal_epsilon_search: one attack at the
-    upper bound first (not fooled -> failure), then bisection while
-    upper − lower >= threshold, keeping the example of the smallest fooling ε.
+    Same decisions as advalign.attacks.minimal_epsilon_search, written out per image: one
+    attack at the upper bound first (not fooled -> failure), then bisection -- arithmetic
+    while upper − lower >= threshold (``stop: absolute``), geometric while upper − lower >
+    precision·upper (``stop: relative``) -- keeping the example of the smallest fooling ε;
+    if no trial failed, one attack at the lower bound (fooled there -> censored).
     No random start (torchattacks would draw it from the global RNG).
     """
+    import math
+
     import torchattacks
 
     if config.random_start:
@@ -143,6 +147,7 @@ def torchattacks_reference_search(model: nn.Module, x: torch.Tensor, y: torch.Te
     n = len(x)
     out = {
         "success": np.zeros(n, dtype=bool),
+        "censored": np.zeros(n, dtype=bool),
         "epsilon": np.full(n, np.nan),
         "l2": np.full(n, np.nan),
         "linf": np.full(n, np.nan),
@@ -158,6 +163,11 @@ def torchattacks_reference_search(model: nn.Module, x: torch.Tensor, y: torch.Te
         with torch.no_grad():
             return adv, int(model(adv).argmax(1))
 
+    def still_open(lower, upper):
+        if config.stop == "relative":
+            return upper - lower > config.precision * upper
+        return upper - lower >= config.threshold
+
     for i in range(n):
         image, label = x[i : i + 1].contiguous(), y[i : i + 1]
         lower, upper = float(config.eps_min), float(config.eps_max)
@@ -166,16 +176,23 @@ def torchattacks_reference_search(model: nn.Module, x: torch.Tensor, y: torch.Te
         out["adv_pred"][i] = pred
         if pred == int(label):
             continue  # a failure: not fooled at the upper bound
-        best = adv
-        while upper - lower >= config.threshold:
-            mid = lower + (upper - lower) / 2
+        best, ever_failed = adv, False
+        while still_open(lower, upper):
+            mid = math.sqrt(lower * upper) if config.stop == "relative" else lower + (upper - lower) / 2
             adv, pred = attack(image, label, mid)
             out["trials"][i] += 1
             if pred != int(label):
                 upper, best = mid, adv
                 out["adv_pred"][i] = pred
             else:
-                lower = mid
+                lower, ever_failed = mid, True
+        if not ever_failed:
+            adv, pred = attack(image, label, float(config.eps_min))
+            out["trials"][i] += 1
+            if pred != int(label):
+                upper, best = float(config.eps_min), adv
+                out["adv_pred"][i] = pred
+                out["censored"][i] = True
         delta = (best - image)[0]
         out["success"][i] = True
         out["epsilon"][i] = upper

@@ -153,6 +153,7 @@ def write_fake_results(root, n_images: int = 40, image_size: int = 16, cw_images
                 "epsilon": np.where(success, l2 * 1.01, np.nan), "l2": np.where(success, l2, np.nan),
                 "linf": np.where(success, linf, np.nan), "alignment": np.where(success, align, np.nan),
                 "grad_evals": 42, "model": model, "attack": attack, "precision": "fp32",
+                "censored": np.zeros(n, dtype=bool), "search": "fake",
             })[list(ATTACK_COLUMNS)]
             out = root / "results" / "attacks" / attack / f"{model}.parquet"
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -183,7 +184,7 @@ def write_fake_results(root, n_images: int = 40, image_size: int = 16, cw_images
 
 
 def write_attack_table(root, attack: str, model: str, l2, alignment, attacked=None, success=None, linf=None,
-                       labels=None) -> str:
+                       labels=None, censored=None) -> str:
     """A hand-made per-image attack table (one row per value) at ``root/{attack}/{model}.parquet``."""
     n = len(l2)
     attacked = np.ones(n, bool) if attacked is None else np.asarray(attacked, bool)
@@ -196,6 +197,7 @@ def write_attack_table(root, attack: str, model: str, l2, alignment, attacked=No
         "attacked": attacked, "success": success, "adv_pred": (labels + 1) % N_CLASSES,
         "epsilon": l2, "l2": l2, "linf": linf, "alignment": np.where(success, np.asarray(alignment, float), np.nan),
         "grad_evals": 10, "model": model, "attack": attack, "precision": "fp32",
+        "censored": np.zeros(n, bool) if censored is None else np.asarray(censored, bool), "search": "hand-made",
     })[list(ATTACK_COLUMNS)]
     path = Path(root) / attack / f"{model}.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -73,11 +73,14 @@ def _relative_difference(a, b):
 @pytest.mark.parametrize(
     "config",
     [
-        PGDConfig(norm="l2"),  # relative step 2.5·ε/3, the SPEC default
+        PGDConfig(norm="l2"),  # relative step 2.5·ε/3, relative 1 % stop: the defaults
+        PGDConfig(norm="l2", stop="absolute", eps_min=0.001, threshold=0.001),  # the paper's Algorithm 1
         PGDConfig(norm="l2", step_rule="fixed", step_scale=0.5, eps_max=5.0),  # the original code's fixed α
-        PGDConfig(norm="linf", eps_min=1e-4, eps_max=1.0, threshold=1e-4),
+        PGDConfig(norm="linf", eps_min=1e-4, eps_max=1.0, stop="absolute", threshold=1e-4),
+        PGDConfig(norm="linf", eps_max=1.0),
+        PGDConfig(norm="l2", eps_min=1.2),  # a lower bound above some images' ε: censored ones
     ],
-    ids=["l2-relative", "l2-fixed", "linf-relative"],
+    ids=["l2-relative", "l2-absolute", "l2-fixed", "linf-absolute", "linf-relative", "l2-censoring"],
 )
 def test_batched_search_matches_per_image_torchattacks_loop(model, fn, correct_images, config):
     x, y = correct_images
@@ -93,6 +96,12 @@ def test_batched_search_matches_per_image_torchattacks_loop(model, fn, correct_i
     assert _relative_difference(delta.norm(dim=1).numpy(), reference["l2"][ok]) <= REL_TOL
     assert _relative_difference(delta.abs().amax(dim=1).numpy(), reference["linf"][ok]) <= REL_TOL
     np.testing.assert_array_equal(batched.adv_pred, reference["adv_pred"])
+    np.testing.assert_array_equal(batched.censored, reference["censored"])
+    if config.eps_min == 1.2:
+        assert 0 < batched.censored.sum() < ok.sum()  # some images are fooled at the lower bound
+        assert (batched.epsilon[batched.censored] == 1.2).all()
+    else:
+        assert not batched.censored.any()
     # The cached clean gradient saves one pass per attack and does not change the result.
     assert (batched.grad_evals == 1 + batched.trials * (config.steps - 1)).all()
     assert (batched.grad_evals <= reference["grad_evals"]).all()

@@ -124,9 +124,21 @@ def test_file_contents_must_match_its_path(tmp_path):
         build_model_table(zoo + [zoo_row("model_b")], [str(renamed)], [])
 
 
+def test_censored_images_are_counted_and_kept_out_of_the_tolerance(tmp_path):
+    # Image 0 was fooled at the lower bound 0.01: its eps is only known to be <= 0.01.
+    path = write_attack_table(tmp_path, "pgd_l2", "model_a", [0.01, 2.0, 4.0], [0.9, 0.2, 0.4],
+                              censored=[True, False, False])
+    row = build_model_table([zoo_row("model_a")], [path], []).iloc[0]
+    assert row["n_censored"] == 1 and row["n_success"] == 3
+    assert row["tolerance"] == pytest.approx(3.0) and row["tolerance_se"] == pytest.approx(1.0)
+    assert row["tolerance_255"] == pytest.approx(765.0) and row["tolerance_255_se"] == pytest.approx(255.0)
+    assert row["alignment"] == pytest.approx(0.5)  # its perturbation still fools the model: it counts here
+
+
 @pytest.mark.parametrize("breakage, message", [
     (lambda f: f.drop(columns=["alignment"]), "missing column"),
     (lambda f: f.assign(attacked=False), "marked success but not attacked"),
+    (lambda f: f.assign(success=False, censored=True), "marked censored but not fooled"),
     (lambda f: f.assign(image_id="same"), "appears twice"),
     (lambda f: f.iloc[:0], "no stimuli"),
 ])

@@ -81,7 +81,7 @@ def test_claims_recompute_from_the_tests(fake):
     assert top["recomputed_value"] == pytest.approx(models.loc["eva_giant", "alignment"])
     mixnet = [c for c in claims.index if c.startswith("alignment (rho_s) of MixNet-L")]
     assert claims.loc[mixnet[0], "recomputed_value"] == pytest.approx(models.loc["mixnet_l", "alignment"])
-    robust = [c for c in claims.index if c.startswith("l2 tolerance of the robust model")][0]
+    robust = [c for c in claims.index if c.startswith("l2 tolerance ([0, 255] pixels) of the robust model")][0]
     assert "resnet50_robust_eps05" in robust  # the most tolerant robust model on the shared base
 
 
@@ -98,8 +98,8 @@ def test_agreement_rules():
     ]
     table = pd.DataFrame(columns=["model", "attack", "arch_class", "family", "training", "base_model",
                                   "harmonizer_lambda", "robust_eps", "accuracy", "tolerance", "tolerance_se",
-                                  "tolerance_l2", "tolerance_l2_se", "alignment", "alignment_se", "n_stimuli",
-                                  "n_attacked", "n_success", "n_failed"])
+                                  "tolerance_255", "tolerance_255_se", "tolerance_l2", "tolerance_l2_se", "alignment",
+                                  "alignment_se", "n_stimuli", "n_attacked", "n_success", "n_failed", "n_censored"])
     claims = claims_table(tests, table).set_index("claim")
     assert claims.loc["Spearman rho(accuracy, l2-PGD tolerance), standard models", "agrees"] is False  # wrong sign
     assert claims.loc["Spearman rho(accuracy, adversarial alignment), standard models", "agrees"] is False  # n.s.
@@ -173,12 +173,12 @@ def test_harmonized_vs_robust_falls_back_to_the_base_family(fake):
     robust = table["training"] == "robust"
     table.loc[robust, "base_model"] = "resnetv2_50"
     claims = claims_table(fake["tests"], table)
-    rows = claims[claims["claim"].str.startswith("l2 tolerance of the")]
+    rows = claims[claims["claim"].str.startswith("l2 tolerance ([0, 255] pixels) of the")]
     assert len(rows) == 2 and rows["recomputed_value"].notna().all()
     assert "base resnet50" in rows["note"].iloc[0] and "base resnetv2_50" in rows["note"].iloc[0]
     table.loc[robust, "base_model"] = "vgg16"  # a different family: no pair
     claims = claims_table(fake["tests"], table)
-    rows = claims[claims["claim"].str.startswith("l2 tolerance of the")]
+    rows = claims[claims["claim"].str.startswith("l2 tolerance ([0, 255] pixels) of the")]
     assert rows["recomputed_value"].isna().all() and rows["paper_value"].notna().all()
 
 

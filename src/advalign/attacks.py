@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "tf32")
 NORMS = ("l2", "linf")
+STOP_RULES = ("relative", "absolute")
 # Added to ‖g‖₂ before dividing, as torchattacks does, so a zero gradient gives a zero step.
 GRAD_NORM_FLOOR = 1e-10
 # Bump when the chunk file layout or the meaning of a stored number changes.
@@ -159,9 +160,14 @@ class PGDConfig:
     """One minimal-ε PGD search (the config schema's ``pgd`` block plus the norm)."""
 
     norm: str  # "l2" | "linf"
-    eps_min: float = 0.001
+    eps_min: float = 1e-6
     eps_max: float = 10.0
-    threshold: float = 0.001  # stop bisecting when upper − lower < threshold
+    # relative: geometric bisection until upper − lower <= precision·upper (every ε resolved
+    # to the same relative precision); absolute: Algorithm 1's arithmetic bisection until
+    # upper − lower < threshold (the paper's rule, for a faithful rerun).
+    stop: str = "relative"
+    precision: float = 0.01
+    threshold: float = 0.001
     steps: int = 3
     step_rule: str = "relative"  # relative: α = step_scale·ε/steps; fixed: α = step_scale
     step_scale: float = 2.5
@@ -170,6 +176,10 @@ class PGDConfig:
     def __post_init__(self):
         if self.norm not in NORMS:
             raise PipelineError(f"PGD norm {self.norm!r} is not one of {', '.join(NORMS)}")
+        if self.stop not in STOP_RULES:
+            raise PipelineError(f"PGD stop {self.stop!r} is not one of {', '.join(STOP_RULES)}")
+        if not 0 < self.precision < 1:
+            raise PipelineError(f"PGD precision must be in (0, 1) (a fraction of the upper bound), got {self.precision}")
         if self.step_rule not in ("relative", "fixed"):
             raise PipelineError(f"PGD step_rule {self.step_rule!r} is not 'relative' or 'fixed'")
         if not (0 < self.eps_min < self.eps_max):
@@ -184,6 +194,33 @@ class PGDConfig:
         if unknown:
             raise PipelineError(f"unknown PGD parameter(s) {', '.join(unknown)} (expected {', '.join(sorted(known))})")
         return cls(norm=norm, **spec)
+
+    def describe(self) -> str:
+        """The search that produced a result, as recorded in the attack table's ``search`` column."""
+        rule = (f"geometric bisection to {self.precision:g} relative" if self.stop == "relative"
+                else f"bisection to {self.threshold:g} absolute")  # fmt: skip
+        return f"{rule} in [{self.eps_min:g}, {self.eps_max:g}]"
+
+    def open_brackets(self, lower: np.ndarray, upper: np.ndarray, threshold: np.ndarray) -> np.ndarray:
+        """Which brackets still need a trial under the stopping rule."""
+        if self.stop == "relative":
+            return (upper - lower) > self.precision * upper
+        return (upper - lower) >= threshold
+
+    def midpoint(self, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+        if self.stop == "relative":
+            return np.sqrt(lower * upper)
+        return lower + (upper - lower) / 2
+
+    def max_trials(self, lower: np.ndarray, upper: np.ndarray, threshold: np.ndarray) -> int:
+        """Bisection trials the widest bracket needs (for the progress bar)."""
+        if not len(lower):
+            return 0
+        if self.stop == "relative":
+            halvings = np.log2(np.maximum(np.log(upper / lower) / -np.log1p(-self.precision), 1.0))
+        else:
+            halvings = np.log2(np.maximum((upper - lower) / threshold, 1.0))
+        return int(np.max(np.ceil(halvings))) + 2
 
     def step_size(self, eps: np.ndarray) -> np.ndarray:
         """α per image (float64), computed as the reference loop computes it."""
@@ -304,6 +341,7 @@ class AttackResult:
 
     success: np.ndarray  # bool [N]
     epsilon: np.ndarray  # float64 [N], NaN where not success
+    censored: np.ndarray  # bool [N]: fooled at the lower bound, so the true ε is only known to be <= it
     perturbation: torch.Tensor  # float32 [N, 3, H, W] on the CPU: x_adv − x, zeros where not success
     adv_pred: np.ndarray  # int64 [N]: prediction on the kept example (on the upper-bound attack for failures)
     grad_evals: np.ndarray  # int64 [N]: forward+backward passes spent on the image
@@ -340,7 +378,8 @@ def minimal_epsilon_search(
     x: float [N, 3, H, W] in [0, 1] on ``fn.device``; y: int64 [N] (the labels,
     which the caller has checked the model predicts correctly). ``lower``,
     ``upper`` and ``threshold`` default to the config's and may be per-image
-    arrays. ``keys`` (default 0..N−1) seed each image's random starts.
+    arrays (``threshold`` is the absolute rule's; the relative rule uses
+    ``config.precision``). ``keys`` (default 0..N−1) seed each image's random starts.
     """
     n = len(x)
     lo = _broadcast(config.eps_min if lower is None else lower, n, "lower bound")
@@ -389,25 +428,36 @@ def minimal_epsilon_search(
 
     # Trial 0: the upper bound. Images it cannot fool are failures, decided now.
     success = attack(np.arange(n), hi.copy(), trial=0) if n else np.zeros(0, dtype=bool)
-    active = success & (hi - lo >= thr)
-    max_steps = int(np.max(np.ceil(np.log2(np.maximum((hi - lo) / thr, 1.0))) + 1)) if n else 0
-    bar = tqdm(total=max_steps, desc="bisection", leave=False, file=sys.stderr, disable=not progress)
+    floor = lo.copy()
+    active = success & config.open_brackets(lo, hi, thr)
+    bar = tqdm(total=config.max_trials(lo, hi, thr), desc="bisection", leave=False, file=sys.stderr,
+               disable=not progress)  # fmt: skip
     trial = 1
     while active.any():
         indices = np.flatnonzero(active)
-        mid = lo[indices] + (hi[indices] - lo[indices]) / 2
+        mid = config.midpoint(lo[indices], hi[indices])
         fooled = attack(indices, mid, trial)
         hi[indices[fooled]] = mid[fooled]
         lo[indices[~fooled]] = mid[~fooled]
-        active[indices] = (hi[indices] - lo[indices]) >= thr[indices]
+        active[indices] = config.open_brackets(lo[indices], hi[indices], thr[indices])
         trial += 1
         bar.update(1)
         bar.set_postfix(active=int(active.sum()))
+    # A bracket that closed on the lower bound without any trial failing says nothing about
+    # ε below it: one trial at the lower bound decides. Fooled there = censored (ε <= lower).
+    censored = np.zeros(n, dtype=bool)
+    unproven = np.flatnonzero(success & (lo == floor))
+    if len(unproven):
+        fooled = attack(unproven, floor[unproven].copy(), trial)
+        hi[unproven[fooled]] = floor[unproven[fooled]]
+        censored[unproven[fooled]] = True
+        bar.update(1)
     bar.close()
 
     return AttackResult(
         success=success,
         epsilon=np.where(success, hi, np.nan),
+        censored=censored,
         perturbation=best.float().cpu(),
         adv_pred=adv_pred,
         grad_evals=grad_evals,
@@ -431,6 +481,9 @@ class CWConfig:
     def __post_init__(self):
         if self.steps < 1 or self.search_steps < 1 or not self.c_init > 0 or not self.lr > 0 or self.confidence < 0:
             raise PipelineError("CW needs steps, search_steps >= 1, c_init, lr > 0 and confidence >= 0")
+
+    def describe(self) -> str:
+        return f"CW-l2, {self.steps} Adam steps x {self.search_steps} values of c"
 
     @classmethod
     def from_spec(cls, spec: dict) -> "CWConfig":
@@ -515,6 +568,7 @@ def carlini_wagner_l2(
     return AttackResult(
         success=success,
         epsilon=np.where(success, l2, np.nan),
+        censored=np.zeros(n, dtype=bool),  # CW minimises the norm directly: no lower bound
         perturbation=perturbation,
         adv_pred=adv_pred,
         grad_evals=np.full(n, config.steps * config.search_steps, dtype=np.int64),
@@ -527,12 +581,14 @@ def carlini_wagner_l2(
 # --------------------------------------------------------------------------- #
 
 JOB_KEYS = ("attack", "spec", "model", "batch_size", "chunk_size", "keep_examples", "precision", "device", "seed")
-_PER_IMAGE_COLUMNS = tuple(c for c in ATTACK_COLUMNS if c not in ("image_id", "model", "attack", "precision"))
+_PER_TABLE_COLUMNS = ("image_id", "model", "attack", "precision", "search")
+_PER_IMAGE_COLUMNS = tuple(c for c in ATTACK_COLUMNS if c not in _PER_TABLE_COLUMNS)
 _COLUMN_DTYPES = {
     "label": np.int64,
     "clean_pred": np.int64,
     "attacked": bool,
     "success": bool,
+    "censored": bool,
     "adv_pred": np.int64,
     "epsilon": np.float64,
     "l2": np.float64,
@@ -693,6 +749,7 @@ def _attack_chunk(fn, attack, config, stimuli, data_config, start, stop, job, pr
         "clean_pred": clean_pred,
         "attacked": attacked,
         "success": np.zeros(n, dtype=bool),
+        "censored": np.zeros(n, dtype=bool),
         "adv_pred": np.full(n, -1, dtype=np.int64),  # -1: not attacked
         "epsilon": np.full(n, np.nan),
         "l2": np.full(n, np.nan),
@@ -714,6 +771,7 @@ def _attack_chunk(fn, attack, config, stimuli, data_config, start, stop, job, pr
         perturbation[rows] = result.perturbation
         good = rows[result.success]
         columns["success"][rows] = result.success
+        columns["censored"][rows] = result.censored
         columns["adv_pred"][rows] = result.adv_pred
         columns["epsilon"][rows] = result.epsilon
         columns["grad_evals"][rows] = result.grad_evals
@@ -815,7 +873,7 @@ def run_attack_job(
     if resumed:
         log.info("resumed %d finished chunk(s) from %s", resumed, chunk_dir)
 
-    table = _assemble_table(chunks, stimuli["ids"], row["model"], attack, fn.precision)
+    table = _assemble_table(chunks, stimuli["ids"], row["model"], attack, fn.precision, config.describe())
     keep = min(job["keep_examples"], n)
     x_kept, maps_kept = model_view(stimuli["images"][:keep], stimuli["maps"][:keep], data_config)
     examples = {
@@ -830,12 +888,14 @@ def run_attack_job(
     shutil.rmtree(chunk_dir, ignore_errors=True)
     attacked = int(table["attacked"].sum())
     log.info(
-        "%s on %s: %d/%d attacked (clean-correct), %d fooled, %d failures at the upper bound",
-        attack, row["model"], attacked, n, int(table["success"].sum()), attacked - int(table["success"].sum()),
+        "%s on %s: %d/%d attacked (clean-correct), %d fooled (%d censored at the lower bound), "
+        "%d failures at the upper bound; search: %s",
+        attack, row["model"], attacked, n, int(table["success"].sum()), int(table["censored"].sum()),
+        attacked - int(table["success"].sum()), config.describe(),
     )  # fmt: skip
 
 
-def _assemble_table(chunks: list[dict], ids: np.ndarray, model: str, attack: str, precision: str):
+def _assemble_table(chunks: list[dict], ids: np.ndarray, model: str, attack: str, precision: str, search: str):
     import pandas as pd
 
     columns = {"image_id": pd.Series(ids, dtype=object).astype(str)}
@@ -845,6 +905,7 @@ def _assemble_table(chunks: list[dict], ids: np.ndarray, model: str, attack: str
     columns["model"] = [model] * n
     columns["attack"] = [attack] * n
     columns["precision"] = [precision] * n
+    columns["search"] = [search] * n
     table = pd.DataFrame(columns)
     return table[list(ATTACK_COLUMNS)]
 

@@ -95,8 +95,9 @@ ATTACK_COLUMNS = (
     "clean_pred",
     "attacked",  # clean prediction correct -> attacked; otherwise no attack
     "success",  # attacked and fooled within the search's upper bound
+    "censored",  # fooled already at the search's lower bound: epsilon is only an upper bound
     "adv_pred",
-    "epsilon",  # smallest successful epsilon (NaN if not success)
+    "epsilon",  # smallest successful epsilon (NaN if not success); [0, 1] pixel scale
     "l2",  # ||x_adv - x||_2 in [0,1] pixel units at the model's input size
     "linf",  # ||x_adv - x||_inf
     "alignment",  # Spearman rho(|mean_c(x_adv - x)|, human map); NaN if not success
@@ -104,6 +105,7 @@ ATTACK_COLUMNS = (
     "model",
     "attack",
     "precision",  # fp32 | bf16 | tf32
+    "search",  # the search that produced the row (PGDConfig.describe / CWConfig.describe)
 )
 EXAMPLE_ARRAYS = (
     "image_ids",  # str [K]
@@ -123,8 +125,10 @@ MODEL_ATTACK_COLUMNS = (
     "harmonizer_lambda",
     "robust_eps",
     "accuracy",  # percent; held-out accuracy (demo) or ImageNet top-1 (paper)
-    "tolerance",  # mean l2 of the minimal successful attack (linf for pgd_linf)
+    "tolerance",  # mean l2 of the minimal successful attack (linf for pgd_linf), [0, 1] pixels; censored excluded
     "tolerance_se",
+    "tolerance_255",  # the same on the paper's [0, 255] pixel scale (x 255)
+    "tolerance_255_se",
     "tolerance_l2",  # mean l2 of the minimal successful attack, every attack
     "tolerance_l2_se",
     "alignment",
@@ -133,6 +137,7 @@ MODEL_ATTACK_COLUMNS = (
     "n_attacked",
     "n_success",
     "n_failed",  # attacked but never fooled at the upper bound
+    "n_censored",  # fooled at the lower bound: in n_success and the alignment, not in the tolerance
 )
 TEST_KEYS = ("name", "test", "statistic", "df", "p_value", "n", "detail")
 CLAIM_COLUMNS = (

@@ -145,12 +145,15 @@ def read_attack_file(path, columns=None) -> pd.DataFrame:
         raise PipelineError(f"{path}: image_id {dup!r} appears twice")
     attacked = frame["attacked"].astype(bool)
     success = frame["success"].astype(bool)
+    censored = frame["censored"].astype(bool)
     if (success & ~attacked).any():
         raise PipelineError(f"{path}: {int((success & ~attacked).sum())} image(s) marked success but not attacked")
+    if (censored & ~success).any():
+        raise PipelineError(f"{path}: {int((censored & ~success).sum())} image(s) marked censored but not fooled")
     for column in ("l2", "linf"):
         if frame.loc[success, column].isna().any():
             raise PipelineError(f"{path}: column {column!r} is NaN for a successful attack")
-    frame = frame.assign(attacked=attacked, success=success)
+    frame = frame.assign(attacked=attacked, success=success, censored=censored)
     return frame if columns is None else frame[list(columns)]
 
 
@@ -167,17 +170,26 @@ def _attack_path_index(attack_paths) -> dict[tuple[str, str], Path]:
 
 
 def summarize_attack(frame: pd.DataFrame) -> dict:
-    """Model-level scores of one attack table: means and standard errors over successful attacks."""
+    """Model-level scores of one attack table: means and standard errors over successful attacks.
+
+    Tolerances average the *measured* images only: a censored image (fooled at the search's
+    lower bound) has an ε known only to lie below that bound, so it is counted (n_censored)
+    and never averaged as if measured. Its perturbation fools the model, so it enters the
+    alignment like any other successful attack.
+    """
     attack = frame["attack"].iloc[0]
     successful = frame[frame["success"]]
+    measured = successful[~successful["censored"]]
     tolerance_column = "linf" if attack == "pgd_linf" else "l2"
-    tolerance, tolerance_se, _ = mean_and_se(successful[tolerance_column])
-    tolerance_l2, tolerance_l2_se, _ = mean_and_se(successful["l2"])
+    tolerance, tolerance_se, _ = mean_and_se(measured[tolerance_column])
+    tolerance_l2, tolerance_l2_se, _ = mean_and_se(measured["l2"])
     # A constant perturbation map has no rank correlation (NaN); such images drop out of the mean.
     alignment, alignment_se, _ = mean_and_se(successful["alignment"])
     return {
         "tolerance": tolerance,
         "tolerance_se": tolerance_se,
+        "tolerance_255": 255.0 * tolerance,
+        "tolerance_255_se": 255.0 * tolerance_se,
         "tolerance_l2": tolerance_l2,
         "tolerance_l2_se": tolerance_l2_se,
         "alignment": alignment,
@@ -186,6 +198,7 @@ def summarize_attack(frame: pd.DataFrame) -> dict:
         "n_attacked": int(frame["attacked"].sum()),
         "n_success": int(frame["success"].sum()),
         "n_failed": int((frame["attacked"] & ~frame["success"]).sum()),
+        "n_censored": int(frame["censored"].sum()),
     }
 
 
