@@ -55,7 +55,8 @@ def zoo_rows() -> list[dict]:
     for model, arch, family, top1 in STANDARD_MODELS:
         rows.append(dict(model=model, timm_name=model, timm_kwargs="{}", arch_class=arch, family=family,
                          training="standard", base_model="", harmonizer_lambda=None, robust_eps=None,
-                         top1=top1, top1_source="timm results-imagenet.csv"))
+                         top1=top1, top1_source="timm results-imagenet.csv", checkpoint="", checkpoint_keys="",
+                         data_config=""))
     by_name = {r["model"]: r for r in rows}
     for model, training, base, lam, eps, _ in DERIVED_MODELS:
         row = dict(by_name[base])

@@ -66,6 +66,10 @@ ZOO_COLUMNS = (
     "robust_eps",  # robust only (l_inf, pixel scale [0, 1])
     "top1",  # published ImageNet top-1 (paper mode); NaN where the pipeline measures it
     "top1_source",
+    # Bring your own checkpoint (paper mode; advalign.weights.import_checkpoint):
+    "checkpoint",  # '' = timm's pretrained weights; else a path or package:NAME/path to a torch file
+    "checkpoint_keys",  # '' (timm's names) | positional | a CSV rename table (checkpoint,timm)
+    "data_config",  # JSON overriding timm's data config (mean, std, input_size, crop_pct, interpolation)
 )
 
 TRAIN_METRICS_KEYS = (
@@ -138,6 +142,7 @@ MODEL_ATTACK_COLUMNS = (
     "n_success",
     "n_failed",  # attacked but never fooled at the upper bound
     "n_censored",  # fooled at the lower bound: in n_success and the alignment, not in the tolerance
+    "search",  # the search that produced the per-image rows (the attack table's search column)
 )
 TEST_KEYS = ("name", "test", "statistic", "df", "p_value", "n", "detail")
 CLAIM_COLUMNS = (

@@ -48,6 +48,8 @@ DEFAULT_STYLE = {
     "panel_size": 1.25,
     "cmap": "inferno",
     "min_accuracy": None,
+    # Column title of the map panels: what the stimuli's maps are (figure_style sets it per config).
+    "map_label": "Human map\n(ClickMe)",
 }
 # Marker per training kind; harmonized models are large stars so they stand out from the zoo.
 MARKERS = {"standard": "o", "harmonized": "*", "control": "D", "robust": "s"}
@@ -137,6 +139,23 @@ def resolve_style(style: dict | None) -> dict:
         else:
             raise PipelineError(f"figure style: unknown key {key!r} (known: {', '.join(sorted(DEFAULT_STYLE))})")
     return merged
+
+
+class FigureLacks(PipelineError):
+    """The results cannot make this figure (for example a zoo without ViTs for Fig. S1): the
+    figure is drawn as a notice that says what it lacks, so the rest of the paper still builds."""
+
+
+def notice_figure(fig: str, title: str, reason: str, style: dict, png, pdf) -> None:
+    """A figure-sized notice: the figure's title and why it cannot be drawn from these results."""
+    log.warning("%s: %s", fig, reason)
+    with plt.rc_context(_rc(style)):
+        figure, ax = plt.subplots(figsize=(6.0, 2.2), layout="constrained")
+        ax.axis("off")
+        ax.text(0.0, 0.95, title, ha="left", va="top", fontsize=style["font_size"] + 1, transform=ax.transAxes)
+        ax.text(0.0, 0.6, textwrap.fill(f"Not drawn: {reason}.", 80), ha="left", va="top", color="0.25",
+                fontsize=style["font_size"], transform=ax.transAxes)
+        save_figure(figure, png, pdf, style["dpi"])
 
 
 def save_figure(figure, png, pdf, dpi: int) -> None:
@@ -236,9 +255,9 @@ def scatter_figure(fig: str, table: pd.DataFrame, style: dict, png, pdf) -> None
     table = prepare_table(table)
     data = scatter_data(spec, table)
     if data.empty:
-        raise PipelineError(
-            f"{fig}: no model has both {spec.x.attack} {spec.x.value} and {spec.y.attack} {spec.y.value}"
-        )
+        reason = f"no model has both {spec.x.attack} {spec.x.value} and {spec.y.attack} {spec.y.value}"
+        notice_figure(fig, spec.title, reason, style, png, pdf)
+        return
 
     with plt.rc_context(_rc(style)):
         figure, ax = plt.subplots(figsize=tuple(style["figsize"]), layout="constrained")
@@ -285,7 +304,21 @@ def scatter_figure(fig: str, table: pd.DataFrame, style: dict, png, pdf) -> None
             if text.get_text() in LEGEND_HEADERS:
                 text.set_fontweight("bold")
         _place_labels(figure, ax, data, _models_to_label(data, style["label_models"]), style)
+        figure.supxlabel(_precision_note(spec, table, data), fontsize=style["font_size"] - 2, color="0.35",
+                         ha="left", x=0.01)
         save_figure(figure, png, pdf, style["dpi"])
+
+
+def _precision_note(spec: ScatterSpec, table: pd.DataFrame, data: pd.DataFrame) -> str:
+    """Scale and precision of the plotted measurements: each attack's search and its censored images."""
+    notes = []
+    for attack in dict.fromkeys((spec.x.attack, spec.y.attack)):
+        rows = table[(table["attack"] == attack) & table["model"].isin(data.index)]
+        searches = "; ".join(sorted(rows["search"].dropna().astype(str).unique())) or "unknown search"
+        censored = int(rows["n_censored"].sum())
+        notes.append(f"{attack}: {searches}; {censored} censored image(s) (fooled at the lower bound) "
+                     "left out of tolerances")
+    return "Pixels in [0, 1] (x 255 for the paper's scale). " + " | ".join(notes)
 
 
 LEGEND_HEADERS = ("Architecture", "Training")
@@ -428,8 +461,10 @@ def select_models(fig: str, table: pd.DataFrame, available: set, n_models: int, 
         if style["min_accuracy"] is not None:
             vits = vits[vits["accuracy"] >= style["min_accuracy"]]
         if vits.empty:
-            raise PipelineError(f"{fig}: no standard ViT with example perturbations"
-                                + (f" and accuracy >= {style['min_accuracy']}" if style["min_accuracy"] else ""))
+            kinds = ", ".join(f"{n} {k}" for k, n in standard["arch_class"].value_counts().sort_index().items())
+            raise FigureLacks(f"this zoo has no standard ViT with l2-PGD example perturbations"
+                              + (f" and accuracy >= {style['min_accuracy']}" if style["min_accuracy"] else "")
+                              + f" (its standard models: {kinds or 'none'})")
         return list(vits.index[:n_models][::-1])  # least to most accurate, left to right
 
     picks = []
@@ -547,7 +582,16 @@ def qualitative_figure(fig: str, table: pd.DataFrame, classes: pd.DataFrame, exa
     example_index = _examples_index(example_paths)
     if attack_paths is None:
         attack_paths = [str(p.with_suffix(".parquet")) for p in example_index.values()]
-    models = select_models(fig, table, set(example_index), n_models, style)
+    titles = {
+        "fig5": r"Fig. 5: $\ell_2$-PGD perturbations for a variety of models",
+        "figS1": r"Fig. S1: $\ell_2$-PGD perturbations on the most accurate ViTs",
+        "figS2": r"Fig. S2: $\ell_2$-PGD perturbations on the most accurate ViTs (other images)",
+    }
+    try:
+        models = select_models(fig, table, set(example_index), n_models, style)
+    except FigureLacks as exc:
+        notice_figure(fig, titles[fig], str(exc), style, png, pdf)
+        return
     examples = {m: load_examples(example_index[m]) for m in models}
     labels, per_image = _image_labels(attack_paths, models, classes)
     image_ids = select_images(fig, examples, labels, n_images)
@@ -556,11 +600,6 @@ def qualitative_figure(fig: str, table: pd.DataFrame, classes: pd.DataFrame, exa
     n_cols = 2 + len(models)
     n_rows = len(image_ids) + 1  # the first image's attacked versions get a row of their own
     panel = style["panel_size"]
-    titles = {
-        "fig5": r"Fig. 5: $\ell_2$-PGD perturbations for a variety of models",
-        "figS1": r"Fig. S1: $\ell_2$-PGD perturbations on the most accurate ViTs",
-        "figS2": r"Fig. S2: $\ell_2$-PGD perturbations on the most accurate ViTs (other images)",
-    }
     with plt.rc_context(_rc(style)):
         figure, axes = plt.subplots(n_rows, n_cols, figsize=(panel * n_cols + 0.6, panel * n_rows + 1.3),
                                     squeeze=False, layout="constrained")
@@ -609,7 +648,7 @@ def qualitative_figure(fig: str, table: pd.DataFrame, classes: pd.DataFrame, exa
                         axes[1, 2 + c].axis("off")
 
         axes[0, 0].set_title("Image", fontsize=style["font_size"])
-        axes[0, 1].set_title("Human map\n(ClickMe)", fontsize=style["font_size"])
+        axes[0, 1].set_title(style["map_label"], fontsize=style["font_size"])
         for c, model in enumerate(models):
             info = model_rows.loc[model]
             kind = "" if info["training"] == "standard" else f" [{info['training']}]"

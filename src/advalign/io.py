@@ -97,3 +97,32 @@ def read_json(path):
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise PipelineError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+PACKAGE_PREFIX = "package:"
+
+
+def resolve_source_path(spec: str, where: str, what: str = "file") -> Path:
+    """A file named in a config table: a path (relative to the working directory), or
+    ``package:NAME/inner/path``, a file shipped inside the installed Python package NAME
+    (e.g. ``package:skimage/data/chelsea.png``). One line naming ``where`` if it is absent."""
+    spec = str(spec).strip()
+    if spec.startswith(PACKAGE_PREFIX):
+        import importlib.util
+
+        name, _, inner = spec[len(PACKAGE_PREFIX) :].partition("/")
+        if not inner.strip("/"):
+            raise PipelineError(f"{where}: {what} {spec!r} must name a file inside the package (package:NAME/path)")
+        try:
+            found = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            found = None
+        if found is None or not found.submodule_search_locations:
+            raise PipelineError(f"{where}: {what} {spec!r} names package {name!r}, which is not installed")
+        path = Path(list(found.submodule_search_locations)[0]) / inner
+    else:
+        path = Path(spec)
+    if not path.is_file():
+        raise PipelineError(f"{where}: {what} {spec!r} not found ({path})")
+    return path
+

@@ -138,6 +138,42 @@ def data_config(model_or_meta) -> dict:
     return _clean_data_config(config)
 
 
+def data_config_overrides(row: dict) -> dict:
+    """The zoo row's ``data_config`` JSON (keys of DATA_CONFIG_KEYS), checked; {} when blank.
+
+    A researcher's checkpoint may expect another normalisation or input size than timm's
+    default config of the architecture: these values replace timm's."""
+    raw = row.get("data_config") or "{}"
+    if isinstance(raw, dict):
+        overrides = dict(raw)
+    else:
+        try:
+            overrides = json.loads(raw)
+        except json.JSONDecodeError:
+            raise PipelineError(f"data_config is not JSON: {raw!r}") from None
+    if not isinstance(overrides, dict):
+        raise PipelineError(f"data_config must be a JSON object, got {raw!r}")
+    unknown = sorted(set(overrides) - set(DATA_CONFIG_KEYS))
+    if unknown:
+        raise PipelineError(f"data_config key(s) {', '.join(unknown)} unknown (expected {', '.join(DATA_CONFIG_KEYS)})")
+    for key in ("mean", "std"):
+        value = overrides.get(key)
+        if value is not None and not (isinstance(value, list) and len(value) == 3
+                                      and all(isinstance(v, (int, float)) for v in value)):  # fmt: skip
+            raise PipelineError(f"data_config {key} must be 3 numbers, got {value!r}")
+    if "std" in overrides and min(overrides["std"]) <= 0:
+        raise PipelineError(f"data_config std must be > 0, got {overrides['std']!r}")
+    size = overrides.get("input_size")
+    if size is not None and not (isinstance(size, list) and len(size) == 3 and all(isinstance(v, int) and v > 0 for v in size)):
+        raise PipelineError(f"data_config input_size must be [3, H, W], got {size!r}")
+    crop = overrides.get("crop_pct")
+    if crop is not None and not (isinstance(crop, (int, float)) and 0 < crop <= 1):
+        raise PipelineError(f"data_config crop_pct must be in (0, 1], got {crop!r}")
+    if "interpolation" in overrides and overrides["interpolation"] not in ("bilinear", "bicubic", "nearest"):
+        raise PipelineError(f"data_config interpolation must be bilinear, bicubic or nearest, got {overrides['interpolation']!r}")
+    return overrides
+
+
 def _clean_data_config(config: dict) -> dict:
     missing = [k for k in DATA_CONFIG_KEYS if k not in config]
     if missing:
@@ -232,11 +268,13 @@ def load_model(weights_path, row: dict | None = None, device="cpu") -> tuple[nn.
         first = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
         raise PipelineError(f"{name}: {path} does not fit {model.__class__.__name__}: {first[:200]}") from None
     if meta is None:
+        overrides = data_config_overrides(row)
         meta = {
             "model_row": _plain(dict(row)),
             "num_classes": int(getattr(model, "num_classes", 0) or 0),
-            "data_config": data_config(model),
-            "source": "timm state dict",
+            # timm's config of the architecture, with the zoo row's own values where it has them.
+            "data_config": {**data_config(model), **overrides},
+            "source": "timm state dict" + (" (data config from the zoo row)" if overrides else ""),
         }
     meta["data_config"] = _clean_data_config(meta["data_config"])
     model.to(device).eval()

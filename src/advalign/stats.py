@@ -199,6 +199,7 @@ def summarize_attack(frame: pd.DataFrame) -> dict:
         "n_success": int(frame["success"].sum()),
         "n_failed": int((frame["attacked"] & ~frame["success"]).sum()),
         "n_censored": int(frame["censored"].sum()),
+        "search": "; ".join(sorted(frame["search"].astype(str).unique())),
     }
 
 

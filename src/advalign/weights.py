@@ -12,10 +12,13 @@ for the zoo row's tagged ``timm_name``, saved with ``torch.save`` (atomically);
 from __future__ import annotations
 
 import json
+import logging
 from functools import lru_cache
 from pathlib import Path
 
 from .io import PipelineError, torch_save
+
+log = logging.getLogger(__name__)
 
 
 def cached_weights_path(cache_dir: str | Path, model: str) -> Path:
@@ -102,4 +105,126 @@ def fetch_pretrained_weights(row: dict, out_path: str | Path) -> Path:
         ) from None
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in net.state_dict().items()}
     torch_save(state, out_path)
+    return Path(out_path)
+
+
+# ---------------------------------------------------------------------------
+# Bring your own checkpoint: a file that is not a timm state dict
+# ---------------------------------------------------------------------------
+
+KEY_MAPPINGS = ("", "positional")  # or a path to a CSV rename table (checkpoint,timm)
+
+
+def checkpoint_inputs(row: dict) -> dict:
+    """The files importing a zoo row's checkpoint reads, resolved while planning:
+    {"checkpoint": path} plus {"key_table": path} for a rename table."""
+    from .io import resolve_source_path
+
+    where = f"model '{row['model']}'"
+    inputs = {"checkpoint": str(resolve_source_path(row["checkpoint"], where, "checkpoint"))}
+    keys = (row.get("checkpoint_keys") or "").strip()
+    if keys not in KEY_MAPPINGS:
+        inputs["key_table"] = str(resolve_source_path(keys, where, "checkpoint_keys rename table"))
+    return inputs
+
+
+def _read_key_table(path: Path, where: str) -> dict[str, str]:
+    import pandas as pd
+
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, comment="#")
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{where}: {path} is not a CSV rename table ({str(exc).strip()[:120]})") from None
+    if list(table.columns) != ["checkpoint", "timm"]:
+        raise PipelineError(f"{where}: {path} needs exactly the columns checkpoint,timm (got {','.join(table.columns)})")
+    if table["checkpoint"].duplicated().any() or table["timm"].duplicated().any():
+        raise PipelineError(f"{where}: {path} maps a name twice")
+    return dict(zip(table["checkpoint"], table["timm"]))
+
+
+def _load_checkpoint_tensors(path: Path, where: str) -> dict:
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, not a torch file, pickled code: one line
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise PipelineError(f"{where}: checkpoint {path} is not a readable torch file ({reason})") from None
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise PipelineError(f"{where}: checkpoint {path} holds no state dict (a dict of tensors)")
+    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in obj.items()}
+
+
+def _shape(tensor) -> str:
+    return "[" + ", ".join(map(str, tensor.shape)) + "]"
+
+
+def map_checkpoint_keys(source: dict, target: dict, keys: str, where: str, key_table: Path | None = None) -> dict:
+    """The checkpoint's tensors under timm's names, checked against timm's state dict ``target``.
+
+    ``keys``: '' (the checkpoint already uses timm's names), ``positional`` (the i-th tensor
+    of the checkpoint is timm's i-th: counts and every shape must agree), or a rename table.
+    The first tensor that does not fit is the error.
+    """
+    if keys == "positional":
+        if len(source) != len(target):
+            raise PipelineError(
+                f"{where}: checkpoint has {len(source)} tensors, timm's model has {len(target)} "
+                "(checkpoint_keys: positional needs the same count, in the same order)"
+            )
+        renamed = {}
+        for i, ((s_name, s_tensor), (t_name, t_tensor)) in enumerate(zip(source.items(), target.items())):
+            if s_tensor.shape != t_tensor.shape:
+                raise PipelineError(
+                    f"{where}: tensor #{i} does not fit: checkpoint {s_name!r} {_shape(s_tensor)} "
+                    f"vs timm {t_name!r} {_shape(t_tensor)}"
+                )
+            renamed[t_name] = s_tensor
+        return renamed
+    names = _read_key_table(key_table, where) if keys else {}
+    renamed = {names.get(name, name): tensor for name, tensor in source.items()}
+    unknown = [name for name in renamed if name not in target]
+    if unknown:
+        original = next(s for s in source if names.get(s, s) == unknown[0])
+        raise PipelineError(
+            f"{where}: checkpoint tensor {original!r} (as {unknown[0]!r}) is not in timm's model "
+            f"({len(unknown)} such tensor(s))"
+        )
+    missing = [name for name in target if name not in renamed]
+    if missing:
+        raise PipelineError(f"{where}: timm's {missing[0]!r} is not in the checkpoint ({len(missing)} missing)")
+    for name, tensor in target.items():
+        if renamed[name].shape != tensor.shape:
+            raise PipelineError(
+                f"{where}: tensor {name!r} does not fit: checkpoint {_shape(renamed[name])} vs timm {_shape(tensor)}"
+            )
+    return {name: renamed[name] for name in target}
+
+
+def import_checkpoint(row: dict, checkpoint, out_path, key_table=None) -> Path:
+    """Convert a zoo row's checkpoint into a timm state dict in the weights cache (atomically).
+
+    The architecture is ``timm_name`` with ``timm_kwargs``; ``checkpoint_keys`` says how the
+    checkpoint's names map onto timm's (see :func:`map_checkpoint_keys`). Buffers (BatchNorm
+    statistics) are part of the mapping. The result loads strictly with
+    :func:`advalign.models.load_model`.
+    """
+    from .models import _create_timm
+
+    where = f"model '{row['model']}'"
+    model = _create_timm(row, None)
+    target = model.state_dict()
+    source = _load_checkpoint_tensors(Path(checkpoint), where)
+    keys = (row.get("checkpoint_keys") or "").strip()
+    state = map_checkpoint_keys(source, target, keys, where, Path(key_table) if key_table else None)
+    state = {name: tensor.to(target[name].dtype).contiguous() for name, tensor in state.items()}
+    model.load_state_dict(state, strict=True)  # fits by construction; fails loudly otherwise
+    torch_save(state, out_path)
+    log.info("%s: %d tensors of %s mapped onto %s (%s, %d parameters) -> %s", row["model"], len(source), checkpoint,
+             row["timm_name"], keys or "timm names", sum(p.numel() for p in model.parameters()), out_path)  # fmt: skip
     return Path(out_path)

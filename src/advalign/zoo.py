@@ -12,6 +12,7 @@ import pandas as pd
 
 from .columns import ARCH_CLASSES, TRAINING_KINDS, ZOO_COLUMNS
 from .io import PipelineError
+from .models import data_config_overrides
 
 _ID = re.compile(r"^[A-Za-z0-9_.-]+$")
 REQUIRED_TABLE_COLUMNS = ("model", "timm_name", "arch_class", "family")
@@ -50,6 +51,12 @@ def read_zoo_table(path: str | Path) -> pd.DataFrame:
             raise PipelineError(f"{where}: timm_kwargs is not a JSON object: {row['timm_kwargs']!r}") from None
         if not isinstance(kwargs, dict):
             raise PipelineError(f"{where}: timm_kwargs must be a JSON object")
+        try:
+            data_config_overrides(row)
+        except PipelineError as exc:
+            raise PipelineError(f"{where}: {exc}") from None
+        if row["checkpoint_keys"] and not row["checkpoint"]:
+            raise PipelineError(f"{where}: checkpoint_keys {row['checkpoint_keys']!r} given without a checkpoint")
     return table
 
 
@@ -95,6 +102,8 @@ def load_zoo(config: dict) -> pd.DataFrame:
             robust_eps=spec.get("robust_eps", ""),
             top1="",
             top1_source="",
+            checkpoint="",  # trained by the pipeline: nothing to import
+            checkpoint_keys="",
         )
         rows.append(row)
         known[row["model"]] = row

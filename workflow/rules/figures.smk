@@ -6,11 +6,21 @@ SCATTER_FIGURES = ("fig2", "fig3", "fig4", "figS3", "figS4", "figS5")
 QUALITATIVE_FIGURES = ("fig5", "figS1", "figS2")
 
 
+def map_label():
+    """What the stimuli's maps are, for the map column of the qualitative figures."""
+    if SYNTHETIC:
+        return "Human map\n(synthetic part)"
+    if config["data"]["paper"]["photos"]:
+        return "Box map (hand-\ndrawn, not human)"
+    return "Human map\n(ClickMe)"
+
+
 def figure_style(fig):
     figures = config["figures"]
     return {
         "dpi": figures["dpi"],
         "font_size": figures["font_size"],
+        "map_label": map_label(),
         **figures["style"].get(fig, {}),
     }
 

@@ -29,9 +29,39 @@ else:
     if trained_models():
         clickme_train_shards()  # glob now: a pattern matching no shard is a planning error
 
+    if PAPER["photos"]:
+        from advalign.data.photos import read_photo_table
+
+        try:
+            read_photo_table(
+                PAPER["photos"]
+            )  # a photo without a label etc.: a planning error
+        except PipelineError as exc:
+            raise WorkflowError(str(exc)) from None
+        PHOTO_SHARD = f"{PAPER['clickme']['shard_dir']}/val-0.tfrecords"
+
+        rule photo_shard:
+            # Real photographs as a ClickMe-format shard; their maps are hand-drawn boxes.
+            input:
+                table=PAPER["photos"],
+                photos=[str(p.path) for p in read_photo_table(PAPER["photos"])],
+            output:
+                shard=PHOTO_SHARD,
+                manifest=f"{PAPER['clickme']['shard_dir']}/photos.csv",
+            log:
+                "logs/data/photo_shard.log",
+            conda:
+                "../../envs/torch.yaml"
+            script:
+                "../scripts/photo_shard.py"
+
     rule paper_stimuli:
         input:
-            shards=clickme_shards(PAPER["clickme"]["stimulus_shards"]),
+            shards=(
+                [PHOTO_SHARD]
+                if PAPER["photos"]
+                else clickme_shards(PAPER["clickme"]["stimulus_shards"])
+            ),
             class_table=str(CLASS_TABLE_PATH),
         output:
             stimuli="results/data/stimuli.npz",

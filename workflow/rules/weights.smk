@@ -5,15 +5,22 @@
 if not SYNTHETIC:
     from advalign.weights import check_zoo_timm_names, require_complete_cache
 
+    from advalign.weights import checkpoint_inputs
+
     WEIGHTS_CACHE = config["data"]["paper"]["weights_cache"]
     CACHED_MODELS = [m for m in MODELS if not is_trained(m)]
+    # Rows naming their own checkpoint are imported (no network); the others come from timm's hub.
+    IMPORTED_MODELS = [m for m in CACHED_MODELS if ZOO_ROWS[m]["checkpoint"]]
+    FETCHED_MODELS = [m for m in CACHED_MODELS if not ZOO_ROWS[m]["checkpoint"]]
 
     try:
         # An unknown architecture or pretrained tag is a planning error, not a job failure.
         check_zoo_timm_names(ZOO_ROWS[m] for m in CACHED_MODELS)
+        # A checkpoint (or rename table) that is not there: say so now, naming the row.
+        CHECKPOINT_INPUTS = {m: checkpoint_inputs(ZOO_ROWS[m]) for m in IMPORTED_MODELS}
         if not config["data"]["paper"]["fetch_weights"]:
             # No rule can make a missing file: say which, before any job starts.
-            require_complete_cache(WEIGHTS_CACHE, CACHED_MODELS)
+            require_complete_cache(WEIGHTS_CACHE, FETCHED_MODELS)
     except PipelineError as exc:
         raise WorkflowError(str(exc)) from None
 
@@ -24,6 +31,31 @@ if not SYNTHETIC:
         # Target: every cached file. `snakemake weights_cache --cores 1 --configfile config/paper.yaml`
         input:
             [model_weights(m) for m in CACHED_MODELS],
+
+    localrules:
+        import_weights,
+
+    rule import_weights:
+        # A zoo row's own checkpoint (a file, or one shipped in a package) converted to a
+        # timm state dict in the cache: `checkpoint_keys` maps its names onto timm's.
+        input:
+            unpack(lambda wildcards: CHECKPOINT_INPUTS[wildcards.model]),
+        output:
+            f"{WEIGHTS_CACHE}/{{model}}.pth",
+        log:
+            "logs/weights/{model}.log",
+        wildcard_constraints:
+            model=(
+                "|".join(map(re.escape, IMPORTED_MODELS))
+                if IMPORTED_MODELS
+                else "NO_MODELS"
+            ),
+        conda:
+            "../../envs/torch.yaml"
+        params:
+            model=lambda wildcards: model_row(wildcards.model),
+        script:
+            "../scripts/import_weights.py"
 
     if config["data"]["paper"]["fetch_weights"]:
 
@@ -37,8 +69,8 @@ if not SYNTHETIC:
                 "logs/weights/{model}.log",
             wildcard_constraints:
                 model=(
-                    "|".join(map(re.escape, CACHED_MODELS))
-                    if CACHED_MODELS
+                    "|".join(map(re.escape, FETCHED_MODELS))
+                    if FETCHED_MODELS
                     else "NO_MODELS"
                 ),
             conda:

@@ -260,3 +260,49 @@ def parse_example(payload: bytes) -> dict[str, list]:
     except (_WireError, UnicodeDecodeError, struct.error) as exc:
         raise ValueError(f"not a tf.train.Example ({exc})") from None
     return features
+
+
+# ---------------------------------------------------------------------------
+# Writing (the photo benchmark's ClickMe-format shards, advalign.data.photos)
+# ---------------------------------------------------------------------------
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    value &= (1 << 64) - 1  # negative int64 values are written as their two's complement
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _length_delimited(number: int, payload: bytes) -> bytes:
+    return _varint((number << 3) | _LENGTH_DELIMITED) + _varint(len(payload)) + payload
+
+
+def encode_example(features: dict[str, list]) -> bytes:
+    """Serialize ``{name: [bytes, ...] | [int, ...]}`` as a ``tf.train.Example`` (BytesList for
+    bytes values, packed Int64List for ints), feature names in sorted order."""
+    entries = b""
+    for name in sorted(features):
+        values = list(features[name])
+        if all(isinstance(v, (bytes, bytearray)) for v in values):
+            inner = _length_delimited(1, b"".join(_length_delimited(1, bytes(v)) for v in values))
+        elif all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            packed = b"".join(_varint(v) for v in values)
+            inner = _length_delimited(3, _length_delimited(1, packed))
+        else:
+            raise ValueError(f"feature {name!r}: values must be all bytes or all int")
+        entry = _length_delimited(1, name.encode("utf-8")) + _length_delimited(2, inner)
+        entries += _length_delimited(1, entry)
+    return _length_delimited(1, entries)
+
+
+def frame_record(payload: bytes) -> bytes:
+    """One TFRecord frame: length, its masked CRC, the payload, its masked CRC."""
+    length = struct.pack("<Q", len(payload))
+    return length + struct.pack("<I", masked_crc32c(length)) + payload + _FOOTER.pack(masked_crc32c(payload))
