@@ -135,8 +135,9 @@ def test_bad_inputs_are_pipeline_errors(fake, tmp_path, caplog):
     with pytest.raises(PipelineError, match="missing column"):
         scatter_figure("fig2", fake["table"].drop(columns=["tolerance"]), {}, png, pdf)
     cw_free = fake["table"][fake["table"]["attack"] != "cw_l2"]
-    scatter_figure("figS4", cw_free, {}, png, pdf)  # nothing to plot: a notice that says what it lacks
-    assert png.stat().st_size > 0 and pdf.stat().st_size > 0
+    notice_png, notice_pdf = tmp_path / "notice.png", tmp_path / "notice.pdf"
+    scatter_figure("figS4", cw_free, {}, notice_png, notice_pdf)  # nothing to plot: a notice saying what it lacks
+    assert notice_png.stat().st_size > 0 and notice_pdf.stat().st_size > 0
     assert "figS4: no model has both pgd_l2 tolerance and cw_l2 tolerance" in caplog.text
     with pytest.raises(PipelineError, match="not a qualitative figure"):
         render_qualitative(fake, "fig2", png, pdf)
