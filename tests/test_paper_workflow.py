@@ -5,6 +5,7 @@ one-line planning errors."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -117,9 +118,37 @@ def _planning_error(workdir, override) -> str:
     return errors[0]
 
 
-def test_missing_shards_are_one_line(workdir):
+def test_missing_shards_plan_in_a_dry_run_and_stop_a_real_run_in_one_line(workdir):
     override = _write_override(workdir, "no_shards.yaml", {"clickme": {"stimulus_shards": ["test-*.tfrecords"]}})
-    assert re.search(r"clickme/test-\*\.tfrecords: no ClickMe shard matches", _planning_error(workdir, override))
+    # A login node without the data: the dry run plans, with a note naming the config keys.
+    proc = snakemake(workdir, "-n", "--configfile", "config/paper.yaml", override)
+    output = proc.stdout + proc.stderr
+    assert re.search(r"note: .*clickme/test-\*\.tfrecords: no ClickMe shard matches .*data\.paper\.clickme\.stimulus_shards",
+                     output)  # fmt: skip
+    assert re.search(r"^paper_stimuli\s+1$", output, re.M)
+    # A real run that needs them stops before any job, in one line naming the keys.
+    proc = snakemake(workdir, "--cores", "1", "results/data/stimuli.npz", "--configfile", "config/paper.yaml",
+                     override, check=False)  # fmt: skip
+    assert proc.returncode != 0
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, errors
+    assert errors[0].startswith("error: rule paper_stimuli needs the paper's data: ")
+    assert "test-*.tfrecords: no ClickMe shard matches (config data.paper.clickme.shard_dir = " in errors[0]
+    assert errors[0].endswith("data.paper.clickme.stimulus_shards = ['test-*.tfrecords'])")
+    assert not (workdir / "results" / "data" / "stimuli.npz").exists()
+
+
+def test_the_paper_plans_with_no_data_on_disk(workdir):
+    override = _write_override(workdir, "no_data.yaml", {"clickme": {"shard_dir": "nowhere/clickme"},
+                                                         "imagenet": {"train_dir": "nowhere/train",
+                                                                      "val_dir": "nowhere/val"}})  # fmt: skip
+    proc = snakemake(workdir, "-n", "--configfile", "config/paper.yaml", override)
+    output = proc.stdout + proc.stderr
+    assert "nowhere/clickme: ClickMe shard folder not found (config data.paper.clickme.shard_dir" in output
+    assert "nowhere/train: ImageNet folder not found (config data.paper.imagenet.train_dir)" in output
+    assert re.search(r"^train\s+22$", output, re.M) and re.search(r"^attack\s+\d+$", output, re.M)
+    proc = snakemake(workdir, "-n", "weights_cache", "--configfile", "config/paper.yaml", override)
+    assert re.search(r"^fetch_weights\s+263$", proc.stdout + proc.stderr, re.M)
 
 
 def test_incomplete_cache_without_fetching_names_the_model(workdir):

@@ -342,6 +342,7 @@ class AttackResult:
     success: np.ndarray  # bool [N]
     epsilon: np.ndarray  # float64 [N], NaN where not success
     censored: np.ndarray  # bool [N]: fooled at the lower bound, so the true ε is only known to be <= it
+    lower: np.ndarray  # float64 [N]: largest ε tried that did not fool (NaN: none, i.e. failure or censored)
     perturbation: torch.Tensor  # float32 [N, 3, H, W] on the CPU: x_adv − x, zeros where not success
     adv_pred: np.ndarray  # int64 [N]: prediction on the kept example (on the upper-bound attack for failures)
     grad_evals: np.ndarray  # int64 [N]: forward+backward passes spent on the image
@@ -458,6 +459,7 @@ def minimal_epsilon_search(
         success=success,
         epsilon=np.where(success, hi, np.nan),
         censored=censored,
+        lower=np.where(success & ~censored, lo, np.nan),
         perturbation=best.float().cpu(),
         adv_pred=adv_pred,
         grad_evals=grad_evals,
@@ -569,6 +571,7 @@ def carlini_wagner_l2(
         success=success,
         epsilon=np.where(success, l2, np.nan),
         censored=np.zeros(n, dtype=bool),  # CW minimises the norm directly: no lower bound
+        lower=np.full(n, np.nan),
         perturbation=perturbation,
         adv_pred=adv_pred,
         grad_evals=np.full(n, config.steps * config.search_steps, dtype=np.int64),

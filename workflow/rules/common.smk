@@ -3,6 +3,8 @@
 # Everything a job depends on is passed through input: or params:, so a change
 # reruns only the jobs it touches.
 import json
+import sys
+from pathlib import Path
 
 import pandas as pd
 
@@ -140,16 +142,34 @@ def training_data_inputs():
     }
 
 
-def clickme_shards(patterns):
-    """ClickMe shard files of glob patterns under data.paper.clickme.shard_dir;
-    a pattern that matches nothing is a one-line planning error."""
+# The paper's data may be absent while planning (a login node without ClickMe or ImageNet):
+# a dry run and the weights cache then still plan. Each rule whose data is missing is noted
+# here, and `onstart` (real runs only, before any job starts) stops with one line naming
+# the config keys when a job that needs the data is about to run.
+MISSING_DATA = {}
+
+
+def note_missing_data(rule_name, reason):
+    if rule_name not in MISSING_DATA:
+        MISSING_DATA[rule_name] = reason
+        print(f"note: {reason}; planned without it", file=sys.stderr)
+
+
+def clickme_shards(key, rule_name):
+    """The ClickMe shard files of the glob patterns data.paper.clickme.<key> under shard_dir;
+    none (and a note) while they are not on disk."""
     from advalign.data.clickme import find_shards
 
+    clickme = config["data"]["paper"]["clickme"]
     try:
-        shard_dir = config["data"]["paper"]["clickme"]["shard_dir"]
-        return [str(p) for p in find_shards(shard_dir, patterns)]
+        return [str(p) for p in find_shards(clickme["shard_dir"], clickme[key])]
     except PipelineError as exc:
-        raise WorkflowError(str(exc)) from None
+        note_missing_data(
+            rule_name,
+            f"{exc} (config data.paper.clickme.shard_dir = {clickme['shard_dir']!r}, "
+            f"data.paper.clickme.{key} = {clickme[key]})",
+        )
+        return []
 
 
 _CLICKME_TRAIN_SHARDS = []
@@ -158,14 +178,30 @@ _CLICKME_TRAIN_SHARDS = []
 def clickme_train_shards():
     """The ClickMe training shards, globbed once (only asked for when a model is trained)."""
     if not _CLICKME_TRAIN_SHARDS:
-        patterns = config["data"]["paper"]["clickme"]["train_shards"]
-        _CLICKME_TRAIN_SHARDS.extend(clickme_shards(patterns))
+        _CLICKME_TRAIN_SHARDS.extend(clickme_shards("train_shards", "train"))
     return list(_CLICKME_TRAIN_SHARDS)
+
+
+onstart:
+    needed = {job.rule.name for job in workflow.dag.needrun_jobs()}
+    for rule_name, reason in MISSING_DATA.items():
+        if rule_name in needed:
+            print(
+                f"error: rule {rule_name} needs the paper's data: {reason}",
+                file=sys.stderr,
+            )
+            sys.exit(1)
 
 
 def imagenet_source(split):
     """Folder (and, flat layout, label file) of an ImageNet split on the paper config."""
     imagenet = config["data"]["paper"]["imagenet"]
+    key = "train_dir" if split == "train" else "val_dir"
+    if not Path(imagenet[key]).is_dir():
+        note_missing_data(
+            "imagenet_index",
+            f"{imagenet[key]}: ImageNet folder not found (config data.paper.imagenet.{key})",
+        )
     if split == "train":
         return {"root": imagenet["train_dir"], "labels": None}
     return {"root": imagenet["val_dir"], "labels": imagenet["val_labels"]}

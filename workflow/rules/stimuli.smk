@@ -26,8 +26,6 @@ else:
     from advalign.data.imagenet import CLASS_TABLE_PATH
 
     PAPER = config["data"]["paper"]
-    if trained_models():
-        clickme_train_shards()  # glob now: a pattern matching no shard is a planning error
 
     if PAPER["photos"]:
         from advalign.data.photos import read_photo_table
@@ -60,7 +58,7 @@ else:
             shards=(
                 [PHOTO_SHARD]
                 if PAPER["photos"]
-                else clickme_shards(PAPER["clickme"]["stimulus_shards"])
+                else clickme_shards("stimulus_shards", "paper_stimuli")
             ),
             class_table=str(CLASS_TABLE_PATH),
         output:
