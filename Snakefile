@@ -18,6 +18,10 @@ include: "workflow/rules/stats.smk"
 include: "workflow/rules/figures.smk"
 
 
+onstart:
+    stop_if_data_missing()  # the paper's data, when a job about to run needs it
+
+
 rule all:
     default_target: True
     input:

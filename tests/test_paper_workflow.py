@@ -132,7 +132,7 @@ def test_missing_shards_plan_in_a_dry_run_and_stop_a_real_run_in_one_line(workdi
     assert proc.returncode != 0
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
     assert len(errors) == 1, errors
-    assert errors[0].startswith("error: rule paper_stimuli needs the paper's data: ")
+    assert errors[0].startswith("error: job paper_stimuli needs the paper's data: ")
     assert "test-*.tfrecords: no ClickMe shard matches (config data.paper.clickme.shard_dir = " in errors[0]
     assert errors[0].endswith("data.paper.clickme.stimulus_shards = ['test-*.tfrecords'])")
     assert not (workdir / "results" / "data" / "stimuli.npz").exists()

@@ -15,7 +15,9 @@ What is asserted, and why these bounds:
   ImageNet mean/std (measured 0.26-0.41 vs 1.32-1.37);
 * every tolerance of the default search (relative 1 %) lies within 1 % of a reference
   search run to an absolute threshold of 1e-6 (l2) / 1e-8 (l_inf, whose eps are ~100x
-  smaller), and images fooled at a raised lower bound are flagged as censored.
+  smaller), except where the search's own trials prove success is not monotone in eps (a
+  failing eps above a fooling one: measured once, Lite2 l_inf, 3.2 %), and images fooled at
+  a raised lower bound are flagged as censored.
 """
 
 from __future__ import annotations
@@ -148,19 +150,32 @@ def attacked_images(real_run, zoo_rows):
 
 @pytest.mark.parametrize("attack", ["pgd_l2", "pgd_linf"])
 def test_default_tolerances_lie_within_one_percent_of_a_fine_reference(real_run, attacked_images, attack):
+    """Within 1 %, except where the search's own trials prove that success is not monotone in eps
+    there: a failing eps above a fooling one, which no bisection can resolve (at most 1 image)."""
     norm = "l2" if attack == "pgd_l2" else "linf"
     measure = "l2" if attack == "pgd_l2" else "linf"
+    spec = yaml.safe_load(real_run.path("config/real.yaml").read_text())["attacks"][attack]
+    non_monotone = []
     for name in MODELS:
         fn, x, y, ids = attacked_images[name]
-        reference = minimal_epsilon_search(fn, x, y, PGDConfig(norm=norm, **REFERENCE[attack]), batch_size=8)
-        assert reference.success.all() and not reference.censored.any()
-        ref_tolerance = reference.perturbation.flatten(1).double().norm(p=2 if norm == "l2" else math.inf, dim=1)
         table = _attack_table(real_run, attack, name).set_index("image_id").loc[ids]
         assert table["success"].all() and not table["censored"].any()
         assert table["search"].iloc[0] == "geometric bisection to 0.01 relative in [1e-06, " + (
             "10]" if norm == "l2" else "1]")
-        error = np.abs(table[measure].to_numpy() / ref_tolerance.numpy() - 1)
-        assert error.max() <= 0.01, (name, attack, error)
+        default = minimal_epsilon_search(fn, x, y, PGDConfig(norm=norm, **spec), batch_size=8)
+        # The job's numbers again (here on 2 threads, the job's on 1: equal up to rounding).
+        np.testing.assert_allclose(default.epsilon, table["epsilon"].to_numpy(), rtol=1e-6)
+        reference = minimal_epsilon_search(fn, x, y, PGDConfig(norm=norm, **REFERENCE[attack]), batch_size=8)
+        assert reference.success.all() and not reference.censored.any()
+        ref_tolerance = reference.perturbation.flatten(1).double().norm(p=2 if norm == "l2" else math.inf, dim=1)
+        tolerance = default.perturbation.flatten(1).double().norm(p=2 if norm == "l2" else math.inf, dim=1)
+        np.testing.assert_allclose(tolerance.numpy(), table[measure].to_numpy(), rtol=1e-5)
+        error = np.abs(tolerance.numpy() / ref_tolerance.numpy() - 1)
+        for i in np.flatnonzero(error > 0.01):
+            # The default search saw eps = lower fail, yet the reference was fooled at a smaller eps.
+            assert default.lower[i] > reference.epsilon[i], (name, attack, ids[i], error[i])
+            non_monotone.append((name, ids[i], round(float(error[i]), 4)))
+    assert len(non_monotone) <= 1, non_monotone
 
 
 def test_images_fooled_at_the_lower_bound_are_flagged_censored(attacked_images):

@@ -144,15 +144,28 @@ def training_data_inputs():
 
 # The paper's data may be absent while planning (a login node without ClickMe or ImageNet):
 # a dry run and the weights cache then still plan. Each rule whose data is missing is noted
-# here, and `onstart` (real runs only, before any job starts) stops with one line naming
-# the config keys when a job that needs the data is about to run.
+# here, and the Snakefile's `onstart` (real runs only, before any job starts) stops with
+# one line naming the config keys when a job that needs the data is about to run.
 MISSING_DATA = {}
 
 
 def note_missing_data(rule_name, reason):
+    """Record (once per rule) that a rule's data is absent while planning, and say so."""
     if rule_name not in MISSING_DATA:
         MISSING_DATA[rule_name] = reason
         print(f"note: {reason}; planned without it", file=sys.stderr)
+
+
+def stop_if_data_missing():
+    """For onstart: one line and exit 1 if a job about to run needs data that is absent."""
+    needed = {job.rule.name for job in workflow.dag.needrun_jobs()}
+    for rule_name, reason in MISSING_DATA.items():
+        if rule_name in needed:
+            print(
+                f"error: job {rule_name} needs the paper's data: {reason}",
+                file=sys.stderr,
+            )
+            sys.exit(1)
 
 
 def clickme_shards(key, rule_name):
@@ -180,17 +193,6 @@ def clickme_train_shards():
     if not _CLICKME_TRAIN_SHARDS:
         _CLICKME_TRAIN_SHARDS.extend(clickme_shards("train_shards", "train"))
     return list(_CLICKME_TRAIN_SHARDS)
-
-
-onstart:
-    needed = {job.rule.name for job in workflow.dag.needrun_jobs()}
-    for rule_name, reason in MISSING_DATA.items():
-        if rule_name in needed:
-            print(
-                f"error: rule {rule_name} needs the paper's data: {reason}",
-                file=sys.stderr,
-            )
-            sys.exit(1)
 
 
 def imagenet_source(split):
