@@ -15,9 +15,10 @@ What is asserted, and why these bounds:
   ImageNet mean/std (measured 0.26-0.41 vs 1.32-1.37);
 * every tolerance of the default search (relative 1 %) lies within 1 % of a reference
   search run to an absolute threshold of 1e-6 (l2) / 1e-8 (l_inf, whose eps are ~100x
-  smaller), except where the search's own trials prove success is not monotone in eps (a
-  failing eps above a fooling one: measured once, Lite2 l_inf, 3.2 %), and images fooled at
-  a raised lower bound are flagged as censored.
+  smaller), except where the searches' trials prove success is not monotone in eps (a
+  failing eps above a fooling one: once, Lite2 l_inf, where the default search found an eps
+  3.2 % *smaller* than the reference's), and images fooled at a raised lower bound are
+  flagged as censored.
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ def attacked_images(real_run, zoo_rows):
 
 @pytest.mark.parametrize("attack", ["pgd_l2", "pgd_linf"])
 def test_default_tolerances_lie_within_one_percent_of_a_fine_reference(real_run, attacked_images, attack):
-    """Within 1 %, except where the search's own trials prove that success is not monotone in eps
+    """Within 1 %, except where the two searches' trials prove that success is not monotone in eps
     there: a failing eps above a fooling one, which no bisection can resolve (at most 1 image)."""
     norm = "l2" if attack == "pgd_l2" else "linf"
     measure = "l2" if attack == "pgd_l2" else "linf"
@@ -172,8 +173,9 @@ def test_default_tolerances_lie_within_one_percent_of_a_fine_reference(real_run,
         np.testing.assert_allclose(tolerance.numpy(), table[measure].to_numpy(), rtol=1e-5)
         error = np.abs(tolerance.numpy() / ref_tolerance.numpy() - 1)
         for i in np.flatnonzero(error > 0.01):
-            # The default search saw eps = lower fail, yet the reference was fooled at a smaller eps.
-            assert default.lower[i] > reference.epsilon[i], (name, attack, ids[i], error[i])
+            # One search saw an eps fail that lies above an eps the other was fooled at.
+            witnessed = default.lower[i] > reference.epsilon[i] or reference.lower[i] > default.epsilon[i]
+            assert witnessed, (name, attack, ids[i], error[i], default.epsilon[i], reference.epsilon[i])
             non_monotone.append((name, ids[i], round(float(error[i]), 4)))
     assert len(non_monotone) <= 1, non_monotone
 
