@@ -8,6 +8,7 @@ tests do not disturb each other or the shared run.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import re
 from pathlib import Path
@@ -156,3 +157,56 @@ def test_new_model_runs_only_its_own_jobs_and_the_aggregates(tiny_run, tmp_path)
     assert {model for _, model, _ in per_model} == {new_model}, result.describe()
     assert {attack for _, _, attack in per_model} - {None} <= set(config["attacks"]["enabled"])
     assert result.rules - PER_MODEL_RULES == AGGREGATE_RULES, result.describe()
+
+
+# --------------------------------------------------------------------------- code provenance
+
+
+@contextlib.contextmanager
+def edited(run, relative: str, change):
+    """The run's copy of a file changed by ``change(text) -> text`` for the duration of the block."""
+    path = run.path(relative)
+    original = path.read_text()
+    path.write_text(change(original))
+    try:
+        yield
+    finally:
+        path.write_text(original)
+
+
+def _code_edit(text: str) -> str:
+    return text + "\n_PROVENANCE_PROBE = 1  # a change to what the module does\n"
+
+
+def _comment_and_docstring_edit(text: str) -> str:
+    assert text.startswith('"""')
+    return '"""Edited docstring. ' + text[3:] + "\n# a new comment\n"
+
+
+def test_editing_figure_code_replots_only_the_figures(tiny_run, tmp_path):
+    with edited(tiny_run, "src/advalign/figures.py", _code_edit):
+        result = plan(tiny_run, tmp_path)
+    assert_only(result, [], FIGURE_RULES | {"all"})
+
+
+def test_editing_attack_code_reruns_every_attack_and_what_follows(tiny_run, tmp_path):
+    with edited(tiny_run, "src/advalign/attacks.py", _code_edit):
+        result = plan(tiny_run, tmp_path)
+    expected = [("attack", m, a) for a in tiny_config(tiny_run)["attacks"]["enabled"] for m in attacked_models(tiny_run, a)]
+    assert_only(result, expected, AGGREGATE_RULES)  # no training job
+    reason = re.search(r"reason: (.*)", result.output[result.output.index("rule attack:") :]).group(1)
+    assert "Params have changed" in reason, reason
+
+
+def test_editing_statistics_code_reruns_the_statistics_and_everything_downstream(tiny_run, tmp_path):
+    with edited(tiny_run, "src/advalign/stats.py", _code_edit):
+        result = plan(tiny_run, tmp_path)
+    assert_only(result, [], AGGREGATE_RULES)
+
+
+def test_comments_docstrings_tests_and_readme_plan_nothing(tiny_run, tmp_path):
+    with edited(tiny_run, "src/advalign/attacks.py", _comment_and_docstring_edit), \
+            edited(tiny_run, "README.md", lambda t: t + "\nOne more line.\n"), \
+            edited(tiny_run, "tests/test_rerun.py", _code_edit):  # fmt: skip
+        result = plan(tiny_run, tmp_path)
+    assert result.jobs == [], result.describe()

@@ -31,6 +31,18 @@ wildcard_constraints:
     attack="|".join(ATTACKS),
 
 
+def code_version(script):
+    """Fingerprint of a workflow script and the advalign modules it runs (advalign.provenance):
+    passed as a parameter, so editing a module reruns exactly the jobs whose code it is.
+    """
+    from advalign.provenance import code_fingerprint
+
+    base = Path(workflow.basedir)
+    return code_fingerprint(
+        str(base / "workflow" / "scripts" / script), str(base / "src" / "advalign")
+    )
+
+
 def model_row(model):
     """The zoo row of a model as plain JSON-able values (NaN -> None)."""
     row = ZOO_ROWS[model]

@@ -45,6 +45,7 @@ for fig in SCATTER_FIGURES:
         conda:
             "../../envs/plotting.yaml"
         params:
+            code=code_version("scatter_figure.py"),
             figure=fig,
             style=figure_style(fig),
         script:
@@ -79,6 +80,7 @@ for fig in QUALITATIVE_FIGURES:
         conda:
             "../../envs/plotting.yaml"
         params:
+            code=code_version("qualitative_figure.py"),
             figure=fig,
             style=figure_style(fig),
             n_images=config["figures"]["qualitative_images"],

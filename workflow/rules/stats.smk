@@ -19,6 +19,7 @@ rule model_table:
     conda:
         "../../envs/plotting.yaml"
     params:
+        code=code_version("model_table.py"),
         zoo=[model_row(m) for m in MODELS],
     script:
         "../scripts/model_table.py"
@@ -35,6 +36,8 @@ rule statistical_tests:
     localrule: True
     conda:
         "../../envs/plotting.yaml"
+    params:
+        code=code_version("statistical_tests.py"),
     script:
         "../scripts/statistical_tests.py"
 
@@ -55,6 +58,8 @@ rule claims:
     localrule: True
     conda:
         "../../envs/plotting.yaml"
+    params:
+        code=code_version("claims.py"),
     script:
         "../scripts/claims.py"
 
@@ -74,6 +79,8 @@ rule table_s1:
     localrule: True
     conda:
         "../../envs/plotting.yaml"
+    params:
+        code=code_version("table_s1.py"),
     script:
         "../scripts/table_s1.py"
 
@@ -93,5 +100,7 @@ rule table_s2:
     localrule: True
     conda:
         "../../envs/plotting.yaml"
+    params:
+        code=code_version("table_s2.py"),
     script:
         "../scripts/table_s2.py"

@@ -15,6 +15,7 @@ if SYNTHETIC:
         conda:
             "../../envs/torch.yaml"
         params:
+            code=code_version("synthetic_data.py"),
             spec=config["data"]["synthetic"],
             seed=config["seed"],
         script:
@@ -50,6 +51,8 @@ else:
                 "logs/data/photo_shard.log",
             conda:
                 "../../envs/torch.yaml"
+            params:
+                code=code_version("photo_shard.py"),
             script:
                 "../scripts/photo_shard.py"
 
@@ -74,6 +77,7 @@ else:
             runtime=job_resource("stimuli", "runtime", 30),
             mem_mb=job_resource("stimuli", "mem_mb", 4000),
         params:
+            code=code_version("paper_stimuli.py"),
             spec=PAPER["stimuli"],
             seed=config["seed"],
             verify_crc=PAPER["clickme"]["verify_crc"],
@@ -98,6 +102,7 @@ else:
             runtime=job_resource("imagenet_index", "runtime", 30),
             mem_mb=job_resource("imagenet_index", "mem_mb", 4000),
         params:
+            code=code_version("imagenet_index.py"),
             source=lambda wildcards: imagenet_source(wildcards.split),
         script:
             "../scripts/imagenet_index.py"

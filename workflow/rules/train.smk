@@ -26,6 +26,7 @@ rule train:
         tasks_per_node=train_multinode("tasks_per_node"),
         cpus_per_task=train_multinode("cpus_per_task"),
     params:
+        code=code_version("train.py"),
         job=training_params,
     script:
         "../scripts/train.py"

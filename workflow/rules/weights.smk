@@ -53,6 +53,7 @@ if not SYNTHETIC:
         conda:
             "../../envs/torch.yaml"
         params:
+            code=code_version("import_weights.py"),
             model=lambda wildcards: model_row(wildcards.model),
         script:
             "../scripts/import_weights.py"
@@ -75,6 +76,8 @@ if not SYNTHETIC:
                 ),
             conda:
                 "../../envs/torch.yaml"
+            # No code fingerprint: timm's weights do not depend on this package's code, and a
+            # module edit must not re-download 263 models.
             params:
                 model=lambda wildcards: model_row(wildcards.model),
             script:

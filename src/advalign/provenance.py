@@ -1,0 +1,103 @@
+"""Code provenance: a fingerprint of the package code each workflow script runs.
+
+Snakemake reruns a job when its rule's ``script:`` changes, not when a module that
+script imports changes. Each rule therefore passes :func:`code_fingerprint` of its
+script as a parameter: the script and every ``advalign`` module it imports,
+transitively (imports inside functions included), read from the workflow's own
+``src/advalign``. Editing ``figures.py`` then reruns exactly the figure jobs,
+editing ``attacks.py`` the attacks and everything downstream of them.
+
+What counts as an edit: the code as Python parses it. Comments, blank lines,
+formatting and docstrings do not count (the fingerprint hashes the syntax tree
+without line numbers and without docstrings), so documenting a module never
+reruns an attack; any change to what the code does counts, even a harmless one.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+from functools import lru_cache
+from pathlib import Path
+
+PACKAGE = "advalign"
+
+
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+                    and isinstance(body[0].value.value, str):  # fmt: skip
+                node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+def _module_file(package_dir: Path, module: str) -> Path | None:
+    """src/advalign/x/y.py or src/advalign/x/y/__init__.py of ``advalign.x.y``; None if neither."""
+    parts = module.split(".")
+    if parts[0] != PACKAGE:
+        return None
+    base = package_dir.joinpath(*parts[1:])
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported_modules(tree: ast.AST, module: str, is_package: bool) -> set[str]:
+    """``advalign`` modules a parsed file imports (absolute or relative), as dotted names;
+    ``from pkg import name`` also yields ``pkg.name`` in case it is a submodule."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.split(".")[0] == PACKAGE)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                anchor = module if is_package else module.rpartition(".")[0]
+                for _ in range(node.level - 1):
+                    anchor = anchor.rpartition(".")[0]
+                base = f"{anchor}.{node.module}" if node.module else anchor
+            else:
+                base = node.module or ""
+            if base.split(".")[0] != PACKAGE:
+                continue
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def package_modules(script: Path, package_dir: Path) -> dict[str, Path]:
+    """{module name: file} of every package module ``script`` imports, transitively."""
+    tree = ast.parse(Path(script).read_text())
+    pending = _imported_modules(tree, "__script__", False)
+    modules: dict[str, Path] = {}
+    while pending:
+        name = pending.pop()
+        if name in modules:
+            continue
+        path = _module_file(package_dir, name)
+        if path is None:
+            continue  # a name imported from a module, not a module
+        modules[name] = path
+        pending |= _imported_modules(ast.parse(path.read_text()), name, path.name == "__init__.py")
+        # Importing a.b.c runs the __init__ of a and a.b too.
+        parent = name.rpartition(".")[0]
+        if parent:
+            pending.add(parent)
+    return modules
+
+
+def _code_digest(path: Path) -> str:
+    tree = _strip_docstrings(ast.parse(path.read_text()))
+    return hashlib.sha256(ast.dump(tree, include_attributes=False).encode()).hexdigest()
+
+
+@lru_cache(maxsize=None)
+def code_fingerprint(script: str | Path, package_dir: str | Path) -> str:
+    """sha256 (16 hex digits) of the script's code and of each package module it runs."""
+    script, package_dir = Path(script), Path(package_dir)
+    parts = [f"script:{_code_digest(script)}"]
+    for name, path in sorted(package_modules(script, package_dir).items()):
+        parts.append(f"{name}:{_code_digest(path)}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
