@@ -32,16 +32,34 @@ def test_snakefmt_check_passes():
 
 @pytest.mark.parametrize("profile", ["slurm", "profiles/local"])
 def test_profile_plans_the_workflow(profile, tmp_path):
-    """Each profile is valid Snakemake options and plans the DAG as typed from the repo
-    root. Conda cannot be reached here, so the copy drops only the conda line."""
+    """Each profile, as committed, is valid Snakemake options and plans the DAG as typed
+    from the repo root, with no conda on the machine."""
     workdir = copy_repo(tmp_path / "repo")
-    config = workdir / profile / "config.yaml"
-    lines = config.read_text().splitlines()
-    kept = [line for line in lines if not line.startswith("software-deployment-method:")]
-    assert len(kept) == len(lines) - 1, f"{profile}: expected one software-deployment-method line"
-    config.write_text("\n".join(kept) + "\n")
     proc = subprocess.run(
         [str(BIN / "snakemake"), "--profile", profile, "-n"], cwd=workdir, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Job stats:" in proc.stdout + proc.stderr
+
+
+def test_conda_environments_pin_what_pyproject_pins():
+    """envs/*.yaml (used with --sdm conda) install the project itself plus the same torch pair."""
+    import tomllib
+
+    import yaml
+
+    pins = {}
+    for requirement in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]:
+        name, _, version = requirement.partition("==")
+        pins[name.strip()] = version.strip()
+    for env in sorted((REPO / "envs").glob("*.yaml")):
+        spec = yaml.safe_load(env.read_text())
+        python = [d for d in spec["dependencies"] if isinstance(d, str) and d.startswith("python=")]
+        assert python == ["python=3.11"], env.name
+        pip = next(d["pip"] for d in spec["dependencies"] if isinstance(d, dict))
+        assert any(line.startswith("-e ../") for line in pip), env.name  # the package, with its own pins
+        for line in pip:
+            if "==" in line:
+                name, version = line.split("==")
+                assert pins.get(name) == version, f"{env.name}: {line} but pyproject.toml pins {name}=={pins.get(name)}"
+        assert {line.split("==")[0] for line in pip if "==" in line} == {"torch", "torchvision"}, env.name
