@@ -404,6 +404,13 @@ def test_bad_inputs_are_one_line_pipeline_errors(job_files, tmp_path):
         ids=np.array(["a", "b"]),
     )
     cases.append((_job(), {"stimuli_path": bad}, "images must be uint8"))
+    nan_maps = tmp_path / "nan_maps.npz"
+    maps = np.zeros((3, 4, 4), np.float32)
+    maps[1, 2, 2], maps[2, 0, 0] = np.nan, np.inf
+    np.savez(nan_maps, images=np.zeros((3, 4, 4, 3), np.uint8), labels=np.zeros(3, np.int64), maps=maps,
+             has_map=np.ones(3, bool), ids=np.array(["ok", "has_nan", "has_inf"]))  # fmt: skip
+    cases.append((_job(), {"stimuli_path": nan_maps},
+                  r"human maps of 2 image\(s\) hold NaN or infinite values \(has_nan, has_inf\)"))  # fmt: skip
     (tmp_path / "junk.npz").write_text("not a zip")
     cases.append((_job(), {"stimuli_path": tmp_path / "junk.npz"}, "not a readable NPZ"))
     for job, paths, message in cases:

@@ -135,6 +135,14 @@ def test_censored_images_are_counted_and_kept_out_of_the_tolerance(tmp_path):
     assert row["alignment"] == pytest.approx(0.5)  # its perturbation still fools the model: it counts here
 
 
+def test_undefined_alignments_are_counted_not_dropped(tmp_path):
+    # Image 1's map was constant: Spearman rho is undefined there (NaN), and the table says so.
+    path = write_attack_table(tmp_path, "pgd_l2", "model_a", [1.0, 2.0, 3.0], [0.2, float("nan"), 0.4])
+    row = build_model_table([zoo_row("model_a")], [path], []).iloc[0]
+    assert row["n_alignment_undefined"] == 1 and row["n_success"] == 3
+    assert row["alignment"] == pytest.approx(0.3)
+
+
 @pytest.mark.parametrize("breakage, message", [
     (lambda f: f.drop(columns=["alignment"]), "missing column"),
     (lambda f: f.assign(attacked=False), "marked success but not attacked"),

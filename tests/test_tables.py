@@ -99,7 +99,8 @@ def test_agreement_rules():
     table = pd.DataFrame(columns=["model", "attack", "arch_class", "family", "training", "base_model",
                                   "harmonizer_lambda", "robust_eps", "accuracy", "tolerance", "tolerance_se",
                                   "tolerance_255", "tolerance_255_se", "tolerance_l2", "tolerance_l2_se", "alignment",
-                                  "alignment_se", "n_stimuli", "n_attacked", "n_success", "n_failed", "n_censored", "search"])
+                                  "alignment_se", "n_stimuli", "n_attacked", "n_success", "n_failed", "n_censored",
+                                  "n_alignment_undefined", "search"])
     claims = claims_table(tests, table).set_index("claim")
     assert claims.loc["Spearman rho(accuracy, l2-PGD tolerance), standard models", "agrees"] is False  # wrong sign
     assert claims.loc["Spearman rho(accuracy, adversarial alignment), standard models", "agrees"] is False  # n.s.

@@ -656,6 +656,12 @@ def load_stimuli(path) -> dict:
         raise PipelineError(f"{path}: has_map and ids must have one entry per image ({n})")
     if len(set(ids.tolist())) != n:
         raise PipelineError(f"{path}: image ids are not unique")
+    if not np.issubdtype(maps.dtype, np.floating) and not np.issubdtype(maps.dtype, np.integer):
+        raise PipelineError(f"{path}: maps must be numeric, got {maps.dtype}")
+    bad = ~np.isfinite(maps.reshape(n, -1)).all(axis=1)
+    if bad.any():
+        named = ", ".join(str(i) for i in ids[bad][:5]) + (" ..." if bad.sum() > 5 else "")
+        raise PipelineError(f"{path}: human maps of {int(bad.sum())} image(s) hold NaN or infinite values ({named})")
     data["labels"] = labels.astype(np.int64)
     data["has_map"] = has_map.astype(bool)
     data["ids"] = ids.astype(str)

@@ -142,6 +142,7 @@ MODEL_ATTACK_COLUMNS = (
     "n_success",
     "n_failed",  # attacked but never fooled at the upper bound
     "n_censored",  # fooled at the lower bound: in n_success and the alignment, not in the tolerance
+    "n_alignment_undefined",  # fooled, but no alignment: constant (or no) human map or perturbation map
     "search",  # the search that produced the per-image rows (the attack table's search column)
 )
 TEST_KEYS = ("name", "test", "statistic", "df", "p_value", "n", "detail")

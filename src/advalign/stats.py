@@ -199,6 +199,8 @@ def summarize_attack(frame: pd.DataFrame) -> dict:
         "n_success": int(frame["success"].sum()),
         "n_failed": int((frame["attacked"] & ~frame["success"]).sum()),
         "n_censored": int(frame["censored"].sum()),
+        # Spearman rho is undefined for a constant map: counted here, never silently averaged away.
+        "n_alignment_undefined": int(successful["alignment"].isna().sum()),
         "search": "; ".join(sorted(frame["search"].astype(str).unique())),
     }
 
