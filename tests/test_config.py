@@ -71,16 +71,17 @@ def test_robust_model_needs_eps():
 
 def test_zoo_table_errors(tmp_path):
     table = tmp_path / "zoo.csv"
-    table.write_text("model,timm_name,arch_class,family\nm1,resnet18,RNN,ResNet\n")
+    table.write_text("# a comment line\nmodel,timm_name,arch_class,family\n\nm1,resnet18,RNN,ResNet\n")
     cfg = copy.deepcopy(DEFAULT)
     cfg["zoo"] = {"table": str(table)}
-    with pytest.raises(PipelineError, match=r"row 2 \(m1\): arch_class 'RNN' is not one of CNN, ViT, hybrid"):
+    # The file's own line number: comments and blank lines count.
+    with pytest.raises(PipelineError, match=r"line 4 \(m1\): arch_class 'RNN' is not one of CNN, ViT, hybrid"):
         load_zoo(validate_config(cfg))
     table.write_text("model,timm_name,arch_class,famly\nm1,resnet18,CNN,ResNet\n")
     with pytest.raises(PipelineError, match="missing column"):
         load_zoo(validate_config(cfg))
     table.write_text('model,timm_name,timm_kwargs,arch_class,family\nm1,resnet18,{"a": 1, "b": 2},CNN,ResNet\n')
-    with pytest.raises(PipelineError, match="row 2 has 6 fields, the header 5"):
+    with pytest.raises(PipelineError, match="line 2 has 6 fields, the header 5"):
         load_zoo(validate_config(cfg))
     with pytest.raises(PipelineError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
@@ -107,3 +108,62 @@ def test_cli_check_config():
 
     assert main(["check-config", str(REPO / "config/config.yaml")]) == 0
     assert main(["check-config", "/nonexistent.yaml"]) == 1
+
+
+BAD_OVERLAYS = {
+    "misspelt model": ({"attacks": {"overrides": {"resnet_dmeo": {"pgd_l2": {"steps": 5}}}}},
+                       "attacks.overrides.resnet_dmeo: no model 'resnet_dmeo' in the zoo (closest: resnet_demo"),
+    "misspelt CW key": ({"attacks": {"overrides": {"resnet_demo": {"cw_l2": {"stpes": 5}}}}},
+                        "attacks.overrides.resnet_demo.cw_l2: unknown key 'stpes'"),
+    "misspelt PGD key": ({"attacks": {"overrides": {"resnet_demo": {"pgd_l2": {"stpes": 5}}}}},
+                         "attacks.overrides.resnet_demo.pgd_l2: unknown key 'stpes'"),
+    "wrong type": ({"attacks": {"overrides": {"resnet_demo": {"pgd_l2": {"steps": "five"}}}}},
+                   "attacks.overrides.resnet_demo.pgd_l2.steps: 'five' is not of type 'integer'"),
+    "unordered bounds": ({"attacks": {"pgd_l2": {"eps_min": 20.0}}},
+                         "attacks.pgd_l2: PGD bounds need 0 < eps_min < eps_max, got 20.0 and 10.0"),
+    "unordered override": ({"attacks": {"overrides": {"vit_demo": {"pgd_linf": {"eps_max": 1e-7}}}}},
+                           "attacks.overrides.vit_demo.pgd_linf: PGD bounds need 0 < eps_min < eps_max"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_OVERLAYS))
+def test_attack_mistakes_are_one_line_planning_errors_and_check_config_agrees(case, tmp_path, capsys):
+    from advalign.cli import main
+
+    overlay, message = BAD_OVERLAYS[case]
+    path = tmp_path / "overlay.yaml"
+    path.write_text(yaml.safe_dump(overlay))
+    assert main(["check-config", str(path)]) == 1  # an overlay alone, merged onto config/config.yaml
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    proc = subprocess.run([str(Path(sys.executable).parent / "snakemake"), "-n", "--configfile", str(path)],
+                          cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode != 0 and message in proc.stdout + proc.stderr
+
+
+def test_unknown_architectures_and_bad_kwargs_of_the_demo_zoo_fail_while_planning(tmp_path, capsys):
+    from advalign.cli import main
+
+    rows = (REPO / "config/zoo_demo.csv").read_text().splitlines()
+    header = rows[0]
+    table = tmp_path / "zoo.csv"
+    for change, message in (
+        (lambda r: r.replace("resnet10t", "resnet10x", 1), "timm cannot build 'resnet10x'"),
+        (lambda r: r.replace('"stem_width"', '"stem_wdith"', 1), "timm cannot build 'resnet10t'"),
+    ):
+        edited = [header] + [change(r) if r.startswith("resnet_demo,") else r for r in rows[1:]]
+        table.write_text("\n".join(edited) + "\n")
+        path = tmp_path / "overlay.yaml"
+        path.write_text(yaml.safe_dump({"zoo": {"table": str(table)}}))
+        assert main(["check-config", str(path)]) == 1
+        err = capsys.readouterr().err
+        assert "resnet_demo: " + message in err and err.count("\n") == 1, err
+
+
+def test_yaml_errors_name_the_line(tmp_path, capsys):
+    from advalign.cli import main
+
+    path = tmp_path / "broken.yaml"
+    path.write_text("attacks:\n  pgd_l2: {steps: 3\n  cw_l2: {}\n")
+    assert main(["check-config", str(path)]) == 1
+    assert f"{path}:3: not valid YAML" in capsys.readouterr().err

@@ -9,25 +9,44 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import load_config
+from pathlib import Path
+
+from .config import SCHEMA_PATH, check_overrides_name_models, load_config
 from .io import PipelineError
+from .models import check_models_build
 from .zoo import load_zoo
 
 
-def _check_config(args) -> None:
-    config = load_config(args.config)
+DEFAULT_CONFIG = SCHEMA_PATH.parents[2] / "config" / "config.yaml"  # the Snakefile's configfile
+
+
+def _planned_config(files):
+    """The config Snakemake plans with for `--configfile FILE...`: the Snakefile's default config
+    with each file merged on top in order, validated the same way (zoo, overrides, models)."""
+    files = [Path(f) for f in files]
+    base = [] if files and files[0].resolve() == DEFAULT_CONFIG.resolve() else [DEFAULT_CONFIG]
+    paths = base + files
+    config = load_config(paths[0], *paths[1:])
     zoo = load_zoo(config)
+    check_overrides_name_models(config, zoo["model"])
+    if config["data"]["kind"] == "synthetic":
+        check_models_build(zoo.to_dict("records"), config["data"]["synthetic"]["n_classes"])
+    return config, zoo, paths
+
+
+def _check_config(args) -> None:
+    _, zoo, paths = _planned_config(args.config)
     counts = zoo.groupby("training").size().to_dict()
     classes = zoo.groupby("arch_class").size().to_dict()
     print(
-        f"{args.config}: valid; {len(zoo)} models "
+        f"{' + '.join(map(str, paths))}: valid; {len(zoo)} models "
         f"({', '.join(f'{n} {k}' for k, n in sorted(classes.items()))}; "
         f"{', '.join(f'{n} {k}' for k, n in sorted(counts.items()))})"
     )
 
 
 def _zoo(args) -> None:
-    zoo = load_zoo(load_config(args.config))
+    _, zoo, _ = _planned_config(args.config)
     columns = ["model", "timm_name", "arch_class", "family", "training", "base_model"]
     print(zoo[columns].to_string(index=False))
 
@@ -35,11 +54,13 @@ def _zoo(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="advalign", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    check = sub.add_parser("check-config", help="validate a config file and its zoo")
-    check.add_argument("config")
+    check = sub.add_parser(
+        "check-config", help="validate config files as `snakemake --configfile FILE...` merges them, and the zoo"
+    )
+    check.add_argument("config", nargs="+", help="config files; later ones are merged on top (overlays)")
     check.set_defaults(func=_check_config)
     zoo = sub.add_parser("zoo", help="list the models a config attacks")
-    zoo.add_argument("config")
+    zoo.add_argument("config", nargs="+")
     zoo.set_defaults(func=_zoo)
     args = parser.parse_args(argv)
     try:

@@ -33,6 +33,8 @@ def _resolve(node: dict, root: dict) -> dict:
 
 def _fill_defaults(value, node: dict, root: dict):
     node = _resolve(node, root)
+    if node.get("x-no-defaults"):
+        return value  # e.g. attacks.overrides: only what the user wrote, checked but not filled
     if isinstance(value, dict) and node.get("type") == "object":
         for key, sub in node.get("properties", {}).items():
             sub = _resolve(sub, root)
@@ -86,9 +88,52 @@ def _check_cross_references(config: dict, source: str) -> None:
         kind = row["training"]
         if kind == "robust" and "robust_eps" not in row:
             raise PipelineError(f"{source}: zoo.derived[{i}] ({row['model']}): robust models need robust_eps")
+    attacks = config["attacks"]
+    for attack in ("pgd_l2", "pgd_linf", "cw_l2"):
+        _check_attack_spec(attacks[attack], attack, f"{source}: attacks.{attack}")
+    for model, blocks in attacks["overrides"].items():
+        for attack, override in blocks.items():
+            merged = {**attacks[attack], **override}
+            _check_attack_spec(merged, attack, f"{source}: attacks.overrides.{model}.{attack}")
 
 
-def load_config(path: str | Path) -> dict:
+def _check_attack_spec(spec: dict, attack: str, where: str) -> None:
+    """The attack's own config class accepts the (merged) block: bounds ordered and the like."""
+    from .attacks import CWConfig, PGDConfig
+
+    try:
+        if attack == "cw_l2":
+            CWConfig.from_spec(spec)
+        else:
+            PGDConfig.from_spec("l2" if attack == "pgd_l2" else "linf", spec)
+    except PipelineError as exc:
+        raise PipelineError(f"{where}: {exc}") from None
+
+
+def check_overrides_name_models(config: dict, models, source: str = "config") -> None:
+    """Every attacks.overrides entry names a model of the zoo (a typo would be silently ignored)."""
+    known = set(models)
+    for model in config["attacks"]["overrides"]:
+        if model not in known:
+            close = sorted(known, key=lambda m: _distance(m, model))[:3]
+            raise PipelineError(
+                f"{source}: attacks.overrides.{model}: no model {model!r} in the zoo (closest: {', '.join(close)})"
+            )
+
+
+def _distance(a: str, b: str) -> int:
+    """Levenshtein distance, for 'did you mean' hints."""
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML mapping; errors name the file and the line."""
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: config file not found")
@@ -96,5 +141,29 @@ def load_config(path: str | Path) -> dict:
         try:
             raw = yaml.safe_load(fh) or {}
         except yaml.YAMLError as exc:
-            raise PipelineError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return validate_config(raw, source=str(path))
+            mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise PipelineError(f"{where}: not valid YAML ({problem})") from None
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{path}: a config file must be a mapping of keys, got {type(raw).__name__}")
+    return raw
+
+
+def merge_configs(base: dict, overlay: dict) -> dict:
+    """Nested dicts merged key by key, the overlay winning: what `--configfile A B` does."""
+    merged = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_configs(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def load_config(path: str | Path, *overlays: str | Path) -> dict:
+    """A config file with overlays merged on top in order (as Snakemake merges --configfile A B), validated."""
+    raw = read_yaml(path)
+    for overlay in overlays:
+        raw = merge_configs(raw, read_yaml(overlay))
+    return validate_config(raw, source=" + ".join(str(p) for p in (path, *overlays)))

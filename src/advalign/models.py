@@ -101,6 +101,16 @@ def build_model(row: dict, num_classes: int, double_backward: bool = False) -> n
     return model
 
 
+def check_models_build(rows, num_classes: int) -> None:
+    """Build every zoo row's architecture on the meta device (no memory, no weights): an unknown
+    timm name or bad timm_kwargs is then a one-line planning error, not a failed training job."""
+    import torch
+
+    for row in rows:
+        with torch.device("meta"):
+            build_model(row, num_classes)
+
+
 # ---------------------------------------------------------------------------
 # Data config
 # ---------------------------------------------------------------------------

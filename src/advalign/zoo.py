@@ -37,8 +37,9 @@ def read_zoo_table(path: str | Path) -> pd.DataFrame:
         if column not in table.columns:
             table[column] = ""
     table["training"] = table["training"].replace("", "standard")
+    lines = _data_line_numbers(path)
     for i, row in table.iterrows():
-        where = f"{path}: row {i + 2} ({row['model'] or '?'})"
+        where = f"{path}: line {lines[i]} ({row['model'] or '?'})"
         if not _ID.match(row["model"]):
             raise PipelineError(f"{where}: model id must match {_ID.pattern}")
         if row["arch_class"] not in ARCH_CLASSES:
@@ -60,6 +61,13 @@ def read_zoo_table(path: str | Path) -> pd.DataFrame:
     return table
 
 
+def _data_line_numbers(path: Path) -> list[int]:
+    """The file line of each data row (comment and blank lines skipped, as the reader skips them)."""
+    with open(path, newline="") as fh:
+        numbers = [n for n, line in enumerate(fh, start=1) if line.strip() and not line.startswith("#")]
+    return numbers[1:]  # after the header
+
+
 def _check_field_counts(path: Path) -> None:
     """A JSON cell left unquoted splits into extra fields; name the row instead of misreading it."""
     import csv
@@ -67,10 +75,10 @@ def _check_field_counts(path: Path) -> None:
     with open(path, newline="") as fh:
         rows = [r for r in csv.reader(fh) if r and not r[0].startswith("#")]
     width = len(rows[0]) if rows else 0
-    for number, row in enumerate(rows[1:], start=2):
+    for number, row in zip(_data_line_numbers(path), rows[1:]):
         if len(row) != width:
             raise PipelineError(
-                f"{path}: row {number} has {len(row)} fields, the header {width} "
+                f"{path}: line {number} has {len(row)} fields, the header {width} "
                 '(quote a JSON timm_kwargs cell: "{""img_size"": 32}")'
             )
 

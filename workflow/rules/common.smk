@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from advalign.config import validate_config
+from advalign.config import check_overrides_name_models, validate_config
+from advalign.models import check_models_build
 from advalign.io import PipelineError
 from advalign.zoo import derived_spec, load_zoo
 from advalign.columns import ATTACKS, FIGURES
@@ -18,6 +19,13 @@ try:
     config.clear()
     config.update(_validated)
     ZOO = load_zoo(config)
+    # A per-model override for a model that is not in the zoo would silently do nothing.
+    check_overrides_name_models(config, ZOO["model"])
+    if config["data"]["kind"] == "synthetic":
+        # Every model trained here builds (architecture, timm_kwargs), checked without training.
+        check_models_build(
+            ZOO.to_dict("records"), config["data"]["synthetic"]["n_classes"]
+        )
 except PipelineError as exc:
     raise WorkflowError(str(exc)) from None
 
