@@ -34,7 +34,7 @@ def clickme_arrays(label: int, seed: int, size: int = 32) -> tuple[np.ndarray, n
 
 
 def clickme_datum(label: int, seed: int, size: int = 32, image: bytes | None = None, heatmap: bytes | None = None):
-    """One record for tfrecord.writer.TFRecordWriter.write (the SPEC §2 features)."""
+    """One record for tfrecord.writer.TFRecordWriter.write (the docs/methods.md §2 features)."""
     rgb, heat = clickme_arrays(label, seed, size)
     return {
         "image": (jpeg_bytes(rgb) if image is None else image, "byte"),

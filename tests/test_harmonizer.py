@@ -1,4 +1,4 @@
-"""The neural harmonizer loss (SPEC §4): pyramid, standardisation, masking, double backprop."""
+"""The neural harmonizer loss (docs/methods.md §4): pyramid, standardisation, masking, double backprop."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ClickMe shards: indexing, decoding, one-line errors, and the SPEC §2 preprocessing."""
+"""ClickMe shards: indexing, decoding, one-line errors, and the docs/methods.md §2 preprocessing."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The attack engine: batched minimal-ε PGD (ℓ2, ℓ∞) and Carlini–Wagner ℓ2.
 
-SPEC §3 and the paper's Algorithm 1, run on a whole batch at once:
+docs/methods.md §3 and the paper's Algorithm 1, run on a whole batch at once:
 
 * ``minimal_epsilon_search`` bisects ε per image in [lower, upper] until
   upper − lower < threshold; an attack succeeds when the prediction changes; the
@@ -64,7 +64,7 @@ CW_NO_UPPER = 1e10  # "no successful c yet" in the CW binary search
 class AttackedFunction:
     """x in [0, 1] (RGB, NCHW) -> float32 logits of a classifier, ready to be attacked.
 
-    The model must normalise its input itself (pixel space is [0, 1], SPEC §3).
+    The model must normalise its input itself (pixel space is [0, 1], docs/methods.md §3).
     It is put in eval mode with every parameter frozen, so a backward pass
     computes the gradient w.r.t. the input and nothing else.
 

@@ -27,7 +27,7 @@ Stage files
 ``results/attacks/{attack}/{model}.npz``      EXAMPLE_ARRAYS: perturbations kept for figures
 
 ``results/stats/model_attack_table.csv``  MODEL_ATTACK_COLUMNS, one row per model x attack
-``results/stats/tests.json``              list of TEST_KEYS dicts (every SPEC §5 test)
+``results/stats/tests.json``              list of TEST_KEYS dicts (every docs/methods.md §5 test)
 ``results/tables/claims.{csv,md}``        CLAIM_COLUMNS
 ``results/tables/table_s1.{csv,md}``      TABLE_S1_COLUMNS
 ``results/tables/table_s2.{csv,md}``      TABLE_S2_COLUMNS

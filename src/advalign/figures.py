@@ -304,8 +304,9 @@ def scatter_figure(fig: str, table: pd.DataFrame, style: dict, png, pdf) -> None
             if text.get_text() in LEGEND_HEADERS:
                 text.set_fontweight("bold")
         _place_labels(figure, ax, data, _models_to_label(data, style["label_models"]), style)
-        figure.supxlabel(_precision_note(spec, table, data), fontsize=style["font_size"] - 2, color="0.35",
-                         ha="left", x=0.01)
+        width_chars = int(style["figsize"][0] * 72 / (0.55 * (style["font_size"] - 2)))
+        figure.supxlabel(textwrap.fill(_precision_note(spec, table, data), width_chars),
+                         fontsize=style["font_size"] - 2, color="0.35", ha="left", x=0.01)  # fmt: skip
         save_figure(figure, png, pdf, style["dpi"])
 
 

@@ -1,4 +1,4 @@
-"""The neural harmonizer's alignment loss (SPEC §4), ported to PyTorch.
+"""The neural harmonizer's alignment loss (docs/methods.md §4), ported to PyTorch.
 
 loss = CE(label smoothing) + lambda * A,  A built from the squared errors between
 P_l(z+(s)) and P_l(z+(h) * max z+(s)) at pyramid levels l = 0 .. L-1

@@ -1,6 +1,6 @@
 """Per-image adversarial alignment and the mean ± standard error summaries.
 
-Adversarial alignment (SPEC §3): the Spearman rank correlation between the
+Adversarial alignment (docs/methods.md §3): the Spearman rank correlation between the
 magnitude of the attack, |mean over colour channels of (x_adv - x)| (an H×W
 map), and the human feature-importance map of the same image after the same
 spatial transform. Computed for a whole batch at once: both maps are rank

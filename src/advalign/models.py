@@ -9,7 +9,7 @@ Two kinds of weight files exist:
   zoo row with timm's own data config.
 
 :class:`NormalizedModel` is the attacked function: RGB in [0, 1] in, logits out,
-mean/std normalisation inside (SPEC §3), eval mode, parameters frozen.
+mean/std normalisation inside (docs/methods.md §3), eval mode, parameters frozen.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Per-model statistics (one row per model x attack) and the statistical tests of SPEC §5.
+"""Per-model statistics (one row per model x attack) and the statistical tests of docs/methods.md §5.
 
 Which models enter which test (the ``detail`` of every test repeats it):
 
@@ -619,7 +619,7 @@ def _descriptive_tests(table) -> list[dict]:
 
 
 def run_tests(table: pd.DataFrame, attack_paths) -> list[dict]:
-    """Every test of SPEC §5, as dicts with TEST_KEYS. Too few models gives NaN with a reason, never an error."""
+    """Every test of docs/methods.md §5, as dicts with TEST_KEYS. Too few models gives NaN with a reason, never an error."""
     table = prepare_table(table)
     images = _PerImage(attack_paths)
     tests = []

@@ -195,7 +195,7 @@ def _descriptive_claims(tests_by_name: dict) -> list[dict]:
         rows.append(_claim(
             "fraction of attacked images fooled by l2 PGD (paper: all attacks successful)", "§2", 1.0, value,
             n=test["n"], agrees=None if math.isnan(value) else bool(value == 1.0),
-            note="only correctly classified images are attacked here (SPEC §3); failures are counted, not dropped",
+            note="only correctly classified images are attacked here (docs/methods.md §3); failures are counted, not dropped",
         ))
     test = tests_by_name.get("fraction_harmonized_beyond_pareto_front")
     if test is not None:

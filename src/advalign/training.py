@@ -7,7 +7,7 @@ synthetic benchmark on one CPU core and the paper on GPUs; what differs is confi
   split, :class:`ImageNetClickMeSource` for the ImageNet index CSV joined with the ClickMe
   training shards; chosen by the training input's suffix (``.npz`` / ``.csv``);
 * the *objective*: :class:`CrossEntropyObjective` (standard and control models),
-  :class:`HarmonizerObjective` (SPEC §4, advalign.harmonizer), :class:`MadryObjective`
+  :class:`HarmonizerObjective` (docs/methods.md §4, advalign.harmonizer), :class:`MadryObjective`
   (l_inf PGD adversarial training); lambda and eps come from the model's zoo row;
 * the *recipe* (config ``training``): AdamW or SGD with momentum; learning rate warm-up,
   then cosine decay or step decays at epoch milestones (the paper: 30/50/80, x0.1);
@@ -131,7 +131,7 @@ class CrossEntropyObjective(_Objective):
 
 
 class HarmonizerObjective(_Objective):
-    """CE + lambda * pyramidal saliency/human-map loss (SPEC §4; advalign.harmonizer).
+    """CE + lambda * pyramidal saliency/human-map loss (docs/methods.md §4; advalign.harmonizer).
 
     lambda may ramp linearly from 0 over the first ``warmup`` fraction of training: the
     alignment gradient of a freshly initialised model is large and can wreck the

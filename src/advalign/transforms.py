@@ -1,6 +1,6 @@
 """The one spatial transform applied to an image and its human map together.
 
-SPEC §2: the original code cropped the image but not the map; here both go
+docs/methods.md §2: the original code cropped the image but not the map; here both go
 through the same resize and centre crop, derived from the model's timm data
 config (``input_size``, ``crop_pct``, ``interpolation``).
 """

@@ -78,7 +78,7 @@ def model_metrics():
 
 
 def attack_models(attack):
-    """Models an attack is run on: every model, except CW on a CNN/ViT subset (SPEC §3)."""
+    """Models an attack is run on: every model, except CW on a CNN/ViT subset (docs/methods.md §3)."""
     if attack not in config["attacks"]["enabled"]:
         return []
     if attack != "cw_l2":

@@ -1,4 +1,4 @@
-# Per-model statistics, the tests of SPEC §5, the claims table and Tables S1-S2.
+# Per-model statistics, the tests of docs/methods.md §5, the claims table and Tables S1-S2.
 # Every rule here is a localrule: seconds of pandas/scipy on the submit host, never
 # worth a SLURM queue wait.
 

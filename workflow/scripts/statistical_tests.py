@@ -1,4 +1,4 @@
-"""Snakemake script: every statistical test of SPEC §5."""
+"""Snakemake script: every statistical test of docs/methods.md §5."""
 
 import pandas as pd
 

@@ -1,6 +1,6 @@
 """ClickMe human feature-importance maps, read from the harmonization TFRecord shards.
 
-SPEC §2: shards ``train-{i}.tfrecords`` and ``val-{i}.tfrecords``; each record is a
+docs/methods.md §2: shards ``train-{i}.tfrecords`` and ``val-{i}.tfrecords``; each record is a
 ``tf.train.Example`` with ``image`` (JPEG, 256x256x3), ``heatmap`` (JPEG,
 256x256x1) and ``label`` (int64, ImageNet class index). Records are read with
 :mod:`advalign.data.tfrecord` (checksums verified) and decoded with Pillow.
@@ -166,7 +166,7 @@ def clickme_preprocess(
     blur_kernel: int = SPEC_BLUR_KERNEL,
     blur_sigma: float = SPEC_BLUR_SIGMA,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The ClickMe preprocessing of SPEC §2 (defaults = the harmonization loader).
+    """The ClickMe preprocessing of docs/methods.md §2 (defaults = the harmonization loader).
 
     image uint8 [H, W, 3] -> uint8 [image_size, image_size, 3] (bilinear resize);
     heatmap [h, w] -> resized to map_size x map_size, Gaussian-blurred (kernel

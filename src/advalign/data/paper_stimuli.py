@@ -1,6 +1,6 @@
 """The paper's stimulus set: ImageNet images with ClickMe maps, ``per_class`` per class.
 
-SPEC §2: 1000 ImageNet validation images that have ClickMe maps, one per
+docs/methods.md §2: 1000 ImageNet validation images that have ClickMe maps, one per
 category, chosen at random with a seed. The ClickMe records carry the images, so
 stimuli are drawn from the ClickMe shards directly:
 

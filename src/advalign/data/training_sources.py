@@ -13,14 +13,14 @@ Two sources exist:
 * :class:`ArraySource` -- one split NPZ of the synthetic benchmark held in memory;
 * :class:`ImageNetClickMeSource` -- the paper's training set: every image of the ImageNet
   index CSV (``results/data/imagenet_train.csv``, no human map) plus every record of the
-  ClickMe training shards (image *and* map, SPEC §2). ClickMe images are ImageNet training
+  ClickMe training shards (image *and* map, docs/methods.md §2). ClickMe images are ImageNet training
   images, but its records carry no file name, so the two cannot be matched: the source is
   their union, as in the original release, where an image with a ClickMe map is a separate
   sample from the same image in ImageNet. The same class with no shards is the ImageNet
   validation set that measures a trained model's top-1.
 
 Images and maps go through one spatial transform (the model's resize and centre crop from
-its data config, then the left-right flip): SPEC §2. The paper names no random crop for
+its data config, then the left-right flip): docs/methods.md §2. The paper names no random crop for
 harmonizer training (flips and mixup only), so none is applied.
 
 :class:`EpochSampler` orders an epoch and splits its *global* batches over the processes of
@@ -283,7 +283,7 @@ class ArraySource:
 
     def load(self, indices, epoch: int = 0, seed: int = 0, flip: bool = False) -> Batch:
         """The images at ``indices``; with ``flip``, those that :func:`epoch_flips` marks are
-        mirrored together with their human maps (SPEC §2: one spatial transform)."""
+        mirrored together with their human maps (docs/methods.md §2: one spatial transform)."""
         index = torch.as_tensor(indices, dtype=torch.long)
         pixels = self.images[index].float().div_(255.0)
         maps = self.maps[index].clone()
