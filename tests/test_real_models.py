@@ -6,9 +6,9 @@ What is asserted, and why these bounds:
 
 * the whole paper path runs from a clean copy and every output is there and well formed;
 * each imported model's top-1 on the 6 photos matches the hand-fixed labels on at least 4
-  (measured: Lite0 4, Lite1 4, Lite2 5; the misses are a missile read as a drilling
-  platform or space shuttle and Grace Hopper's uniform read as an academic gown or comic
-  book -- real errors of real models, not import errors, which would give ~0 of 6);
+  (measured: 4 each; the misses are the missile read as a drilling platform and Grace
+  Hopper's uniform read as an academic gown, a comic book or a suit -- real errors of real
+  models, not import errors, which would give ~0 of 6);
 * the normalisation (mean = std = 0.5, timm's default for the TF-Lite ports) is the one the
   weights were trained with: the first BatchNorm's running variance fits the stem's output
   on real photos within a factor e^0.5 with 0.5/0.5, and is off by more than e^1 with
