@@ -47,16 +47,21 @@ class _HardSwish(nn.Module):
 
 
 def _row_kwargs(row: dict) -> dict:
-    raw = row.get("timm_kwargs") or "{}"
+    return _json_object(row.get("timm_kwargs"), f"{row.get('model', '?')}: timm_kwargs")
+
+
+def _json_object(raw, label: str) -> dict:
+    """A zoo cell holding a JSON object (or already a dict); blank = {}; else a one-line error."""
+    raw = raw or "{}"
     if isinstance(raw, dict):
         return dict(raw)
     try:
-        kwargs = json.loads(raw)
+        value = json.loads(raw)
     except json.JSONDecodeError:
-        raise PipelineError(f"{row.get('model', '?')}: timm_kwargs is not JSON: {raw!r}") from None
-    if not isinstance(kwargs, dict):
-        raise PipelineError(f"{row.get('model', '?')}: timm_kwargs must be a JSON object, got {raw!r}")
-    return kwargs
+        raise PipelineError(f"{label} is not JSON: {raw!r}") from None
+    if not isinstance(value, dict):
+        raise PipelineError(f"{label} must be a JSON object, got {raw!r}")
+    return value
 
 
 def enable_double_backward(model: nn.Module) -> nn.Module:
@@ -153,16 +158,7 @@ def data_config_overrides(row: dict) -> dict:
 
     A researcher's checkpoint may expect another normalisation or input size than timm's
     default config of the architecture: these values replace timm's."""
-    raw = row.get("data_config") or "{}"
-    if isinstance(raw, dict):
-        overrides = dict(raw)
-    else:
-        try:
-            overrides = json.loads(raw)
-        except json.JSONDecodeError:
-            raise PipelineError(f"data_config is not JSON: {raw!r}") from None
-    if not isinstance(overrides, dict):
-        raise PipelineError(f"data_config must be a JSON object, got {raw!r}")
+    overrides = _json_object(row.get("data_config"), "data_config")
     unknown = sorted(set(overrides) - set(DATA_CONFIG_KEYS))
     if unknown:
         raise PipelineError(f"data_config key(s) {', '.join(unknown)} unknown (expected {', '.join(DATA_CONFIG_KEYS)})")
