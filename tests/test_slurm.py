@@ -94,6 +94,13 @@ def slurm_cluster(request):
             say(request, stop.stdout + stop.stderr)
             for name in DAEMONS:
                 assert not (STATE_DIR / f"{name}.pid").exists(), f"{name} was not stopped"
+            # Its config files go too: a slurm.conf with no controller behind it makes
+            # every later snakemake call wait ~9 s on the plugin's `scontrol show config`.
+            for conf in ("slurm.conf", "gres.conf"):
+                path = Path("/etc/slurm") / conf
+                assert not (path.exists() and "advalign .ci/slurm/start.sh" in path.read_text()), (
+                    f"{path} written by start.sh was left behind"
+                )
 
 
 def squeue_lines(since_job_id: int) -> list[dict]:

@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Stop the daemons start.sh started, by the PIDs it recorded (slurmd, slurmctld,
-# munged, in that order), and nothing else. Safe to run twice.
+# munged, in that order), and nothing else; then remove the config files start.sh
+# wrote (those carrying its marker line). Safe to run twice.
+# A slurm.conf left behind with no controller behind it costs every later
+# `snakemake` call about 9 s: the SLURM executor plugin asks `scontrol show config`
+# at import, and scontrol waits for the absent controller until it times out.
 set -uo pipefail
 STATE_DIR=${STATE_DIR:-/run/advalign-slurm}
 
@@ -28,3 +32,10 @@ stop_one() {  # name
 stop_one slurmd
 stop_one slurmctld
 stop_one munged
+
+MARKER="# written by advalign .ci/slurm/start.sh"
+for f in /etc/slurm/slurm.conf /etc/slurm/gres.conf; do
+    if [[ -f $f ]] && grep -qxF "$MARKER" "$f"; then
+        rm -f "$f" && echo "stop.sh: removed $f"
+    fi
+done

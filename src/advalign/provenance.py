@@ -67,10 +67,24 @@ def _imported_modules(tree: ast.AST, module: str, is_package: bool) -> set[str]:
     return found
 
 
+@lru_cache(maxsize=None)
+def _parsed(path: Path, mtime_ns: int, size: int) -> tuple[str, ast.AST]:
+    """(digest of the code without docstrings, syntax tree) of one file, parsed once per version
+    of the file: one plan fingerprints a dozen scripts that share most modules."""
+    tree = ast.parse(path.read_text())
+    digest = hashlib.sha256(ast.dump(_strip_docstrings(ast.parse(path.read_text())),
+                                     include_attributes=False).encode()).hexdigest()  # fmt: skip
+    return digest, tree
+
+
+def _parse(path: Path) -> tuple[str, ast.AST]:
+    stat = path.stat()
+    return _parsed(path.resolve(), stat.st_mtime_ns, stat.st_size)
+
+
 def package_modules(script: Path, package_dir: Path) -> dict[str, Path]:
     """{module name: file} of every package module ``script`` imports, transitively."""
-    tree = ast.parse(Path(script).read_text())
-    pending = _imported_modules(tree, "__script__", False)
+    pending = _imported_modules(_parse(Path(script))[1], "__script__", False)
     modules: dict[str, Path] = {}
     while pending:
         name = pending.pop()
@@ -80,7 +94,7 @@ def package_modules(script: Path, package_dir: Path) -> dict[str, Path]:
         if path is None:
             continue  # a name imported from a module, not a module
         modules[name] = path
-        pending |= _imported_modules(ast.parse(path.read_text()), name, path.name == "__init__.py")
+        pending |= _imported_modules(_parse(path)[1], name, path.name == "__init__.py")
         # Importing a.b.c runs the __init__ of a and a.b too.
         parent = name.rpartition(".")[0]
         if parent:
@@ -89,8 +103,7 @@ def package_modules(script: Path, package_dir: Path) -> dict[str, Path]:
 
 
 def _code_digest(path: Path) -> str:
-    tree = _strip_docstrings(ast.parse(path.read_text()))
-    return hashlib.sha256(ast.dump(tree, include_attributes=False).encode()).hexdigest()
+    return _parse(path)[0]
 
 
 @lru_cache(maxsize=None)

@@ -21,10 +21,16 @@ try:
     ZOO = load_zoo(config)
     # A per-model override for a model that is not in the zoo would silently do nothing.
     check_overrides_name_models(config, ZOO["model"])
-    if config["data"]["kind"] == "synthetic":
+    # Planning checks, not repeated inside each cluster job (that job's plan was checked
+    # on the submit host; the build check alone costs ~6 s of timm import and builds).
+    if config["data"]["kind"] == "synthetic" and not (
+        workflow.remote_exec or workflow.subprocess_exec
+    ):
         # Every model trained here builds (architecture, timm_kwargs), checked without training.
         check_models_build(
-            ZOO.to_dict("records"), config["data"]["synthetic"]["n_classes"]
+            ZOO.to_dict("records"),
+            config["data"]["synthetic"]["n_classes"],
+            cache=Path(".snakemake") / "advalign" / "architectures-built.txt",
         )
 except PipelineError as exc:
     raise WorkflowError(str(exc)) from None
