@@ -158,8 +158,10 @@ def test_pgd_step_stays_in_ball_and_in_pixel_range(norm):
     eps = torch.tensor([0.3, 0.3, 5.0])
     alpha = torch.tensor([1.0, 1.0, 1.0])
     adv = x.clone()
-    for _ in range(4):
-        adv = pgd_step(adv, x, grad if norm == "l2" else grad, eps, alpha, norm)
+    for step in range(4):
+        # A new ascent direction every step, so the iterate really leaves the ball and is projected back.
+        step_grad = grad if step == 0 else torch.randn_like(x)
+        adv = pgd_step(adv, x, step_grad, eps, alpha, norm)
         assert adv.min() >= 0 and adv.max() <= 1
         delta = (adv - x).flatten(1)
         size = delta.norm(dim=1) if norm == "l2" else delta.abs().amax(dim=1)
@@ -171,6 +173,15 @@ def test_pgd_step_stays_in_ball_and_in_pixel_range(norm):
         free = (one > 0) & (one < 1)
         expected = grad[2:] / grad[2:].norm()
         torch.testing.assert_close(moved[free], expected[free], rtol=1e-5, atol=1e-6)
+    else:
+        # ℓ∞: each step moves every free pixel by exactly α·sign(g), then clips to the ball.
+        small = torch.full((1,), 0.01)
+        one = pgd_step(x[2:], x[2:], grad[2:], eps[2:], small, "linf")
+        moved = one - x[2:]
+        free = (one > 0) & (one < 1)
+        torch.testing.assert_close(moved[free], (0.01 * grad[2:].sign())[free], rtol=1e-5, atol=1e-6)
+        # The ball binds: 4 steps of 0.3 inside a 0.3 ball never leave it, and reach its surface.
+        assert (adv[:2] - x[:2]).abs().amax() == pytest.approx(0.3, rel=1e-6)
 
 
 # --------------------------------------------------------------------------- failures, misclassified
@@ -423,7 +434,7 @@ def test_bad_inputs_are_one_line_pipeline_errors(job_files, tmp_path):
 
 
 def test_cuda_float32_mode_is_set_and_restored():
-    from advalign.attacks import _cuda_fp32_mode
+    from advalign.device import cuda_fp32_mode as _cuda_fp32_mode
 
     matmul = torch.backends.cuda.matmul
     before = matmul.fp32_precision if hasattr(matmul, "fp32_precision") else matmul.allow_tf32

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from advalign import columns
+from advalign.figure_registry import figure_names
 from conftest import snakemake
 
 pytestmark = pytest.mark.slow
@@ -61,7 +61,7 @@ def test_demo_zoo_has_the_promised_breadth(pgd_l2):
 
 
 def test_demo_produces_every_output_and_is_complete(demo_run):
-    for fig in columns.FIGURES:
+    for fig in figure_names():
         for ext in ("png", "pdf"):
             assert demo_run.path(f"figures/{fig}.{ext}").stat().st_size > 1000
     for table in ("table_s1", "table_s2", "claims"):

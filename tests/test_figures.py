@@ -1,14 +1,13 @@
 """Every figure renders to a sane PNG + PDF from fabricated inputs; bad inputs are one-line errors."""
 
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
+from advalign.figure_registry import figures_of_kind, get_figure
 from advalign.figures import (
-    SCATTER_SPECS,
     load_examples,
     qualitative_figure,
     resolve_style,
@@ -21,7 +20,8 @@ from advalign.io import PipelineError
 from advalign.stats import build_model_table, prepare_table
 from fake_results import write_fake_results
 
-QUALITATIVE = ("fig5", "figS1", "figS2")
+QUALITATIVE = tuple(f.id for f in figures_of_kind("qualitative"))
+SCATTER = tuple(f.id for f in figures_of_kind("scatter"))
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def check_outputs(png, pdf, min_width=600, min_height=400):
     assert pixels.std() > 10  # not blank
 
 
-@pytest.mark.parametrize("fig", sorted(SCATTER_SPECS))
+@pytest.mark.parametrize("fig", SCATTER)
 def test_scatter_figures_render(fake, tmp_path, fig):
     png, pdf = tmp_path / f"{fig}.png", tmp_path / f"{fig}.pdf"
     scatter_figure(fig, fake["table"], {"dpi": 100}, png, pdf)
@@ -91,13 +91,13 @@ def test_style_overrides(fake, tmp_path):
 
 def test_scatter_data_pairs_the_right_rows(fake):
     table = prepare_table(fake["table"])
-    s4 = scatter_data(SCATTER_SPECS["figS4"], table)
+    s4 = scatter_data(get_figure("figS4").spec, table)
     cw = table[table["attack"] == "cw_l2"].set_index("model")
     pgd = table[table["attack"] == "pgd_l2"].set_index("model")
     assert sorted(s4.index) == sorted(cw.index)  # only the CW subset
     assert s4["y"].to_dict() == pytest.approx(cw["tolerance"].to_dict())
     assert s4["x"].to_dict() == pytest.approx(pgd.loc[cw.index, "tolerance"].to_dict())
-    fig2 = scatter_data(SCATTER_SPECS["fig2"], table)
+    fig2 = scatter_data(get_figure("fig2").spec, table)
     assert len(fig2) == len(pgd) and fig2["y_se"].to_dict() == pytest.approx(pgd["tolerance_se"].to_dict())
 
 
@@ -141,7 +141,7 @@ def test_bad_inputs_are_pipeline_errors(fake, tmp_path, caplog):
     assert "figS4: no model has both pgd_l2 tolerance and cw_l2 tolerance" in caplog.text
     with pytest.raises(PipelineError, match="not a qualitative figure"):
         render_qualitative(fake, "fig2", png, pdf)
-    with pytest.raises(PipelineError, match="no l2-PGD example"):
+    with pytest.raises(PipelineError, match="no pgd_l2 example"):
         qualitative_figure("fig5", fake["table"], pd.read_csv(fake["classes"]), [], {}, 2, 2, png, pdf)
     classes = pd.read_csv(fake["classes"]).iloc[:3]
     with pytest.raises(PipelineError, match="not in classes.csv"):

@@ -5,13 +5,13 @@ one-line planning errors."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
+from advalign.figure_registry import figure_names
 from advalign import columns
 from advalign.config import load_config
 from advalign.zoo import load_zoo
@@ -69,7 +69,7 @@ def test_dry_run_plans_one_attack_per_model_and_attack(workdir):
         "table_s1": 1,
         "table_s2": 1,
         "all": 1,
-        **{f"figure_{fig}": 1 for fig in columns.FIGURES},
+        **{f"figure_{fig}": 1 for fig in figure_names()},
     }
     expected["total"] = sum(expected.values())
     assert counts == expected

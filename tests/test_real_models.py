@@ -33,7 +33,8 @@ import yaml
 from PIL import Image
 
 from advalign.attacks import AttackedFunction, PGDConfig, load_stimuli, minimal_epsilon_search
-from advalign.columns import ATTACK_COLUMNS, FIGURES, MODEL_ATTACK_COLUMNS
+from advalign.columns import ATTACK_COLUMNS, MODEL_ATTACK_COLUMNS
+from advalign.figure_registry import figure_names
 from advalign.data.photos import read_photo_table
 from advalign.io import PipelineError
 from advalign.models import attacked_model, load_model
@@ -71,7 +72,7 @@ def _attack_table(real_run, attack, model) -> pd.DataFrame:
 
 
 def test_every_output_of_the_paper_path_exists_and_is_well_formed(real_run):
-    for fig in FIGURES:
+    for fig in figure_names():
         with Image.open(real_run.path(f"figures/{fig}.png")) as image:
             assert image.size[0] > 300 and image.size[1] > 100, fig
         assert real_run.path(f"figures/{fig}.pdf").read_bytes().startswith(b"%PDF"), fig

@@ -8,12 +8,12 @@ import re
 
 import pytest
 
-from advalign import columns
+from advalign.figure_registry import figure_names
 from conftest import snakemake
 
 pytestmark = pytest.mark.slow
 
-EXPECTED = [f"figures/{fig}.png" for fig in columns.FIGURES] + [
+EXPECTED = [f"figures/{fig}.png" for fig in figure_names()] + [
     "results/stats/model_attack_table.csv",
     "results/tables/claims.csv",
     "results/tables/table_s1.csv",

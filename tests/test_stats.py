@@ -1,7 +1,6 @@
 """The per-model table and the statistical tests, checked against scipy on hand-made inputs."""
 
 import json
-import math
 
 import numpy as np
 import pandas as pd
@@ -13,7 +12,6 @@ from advalign.io import PipelineError
 from advalign.stats import (
     bootstrap_spearman_ci,
     build_model_table,
-    mean_and_se,
     most_aligned_unharmonized,
     pareto_front,
     run_tests,
@@ -51,16 +49,6 @@ def by_name(tests):
 
 
 # --------------------------------------------------------------------------- model table
-
-
-def test_mean_and_se_is_standard_error_not_sd():
-    values = [1.0, 2.0, 4.0, 7.0, np.nan]
-    mean, se, n = mean_and_se(values)
-    assert n == 4 and mean == pytest.approx(3.5)
-    assert se == pytest.approx(sps.sem([1, 2, 4, 7]))
-    assert se < np.std([1, 2, 4, 7], ddof=1)
-    assert math.isnan(mean_and_se([3.0])[1])  # one value: no SE
-    assert mean_and_se([])[2] == 0
 
 
 def test_model_table_contract_and_order(fake):

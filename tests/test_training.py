@@ -90,20 +90,36 @@ def test_training_is_deterministic(data, base, tmp_path):
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
+TRAIN_IMAGES = SPEC["n_classes"] * SPEC["train_per_class"]
+
+
 @pytest.fixture(scope="module")
 def derived(data, base):
     recipe = _recipe(epochs=1, lr=0.002)
-    # lambda 10 on the released code's scale = 1 of the literal formula (5 levels / map fraction 0.5).
-    return {
-        "harmonized": _train(data, "tiny_h", "harmonized", base / "weights.pt", recipe, harmonizer_lambda=10.0),
-        "control": _train(data, "tiny_c", "control", base / "weights.pt", recipe),
-        "robust": _train(data, "tiny_r", "robust", base / "weights.pt", recipe, robust_eps=4 / 255),
-    }
+    loads = {}  # model -> every (indices, epoch, flip) its training drew from the training split
+    original = ArraySource.load
+
+    def recording(self, indices, epoch=0, seed=0, flip=False):
+        if len(self) == TRAIN_IMAGES:
+            loads.setdefault(current[0], []).append((tuple(int(i) for i in indices), epoch, flip))
+        return original(self, indices, epoch=epoch, seed=seed, flip=flip)
+
+    current = [None]
+    runs = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ArraySource, "load", recording)
+        # lambda 10 on the released code's scale = 1 of the literal formula (5 levels / map fraction 0.5).
+        for kind, name, extra in (("harmonized", "tiny_h", {"harmonizer_lambda": 10.0}), ("control", "tiny_c", {}),
+                                  ("robust", "tiny_r", {"robust_eps": 4 / 255})):  # fmt: skip
+            current[0] = kind
+            runs[kind] = _train(data, name, kind, base / "weights.pt", recipe, **extra)
+    runs["loads"] = loads
+    return runs
 
 
 def test_derived_models_fine_tune_their_base(derived, base):
     base_state = torch.load(base / "weights.pt", weights_only=True)
-    for kind, (metrics, out) in derived.items():
+    for kind, (metrics, out) in ((k, v) for k, v in derived.items() if k != "loads"):
         assert metrics["training"] == kind
         saved = torch.load(out / "weights.pt", weights_only=True)
         # Same architecture and normalisation as the base; different weights after fine-tuning.
@@ -121,6 +137,13 @@ def test_derived_models_fine_tune_their_base(derived, base):
 
 def test_harmonized_and_control_see_the_same_batches(derived):
     # Same seed, same data order: the control differs from the harmonized model only by its loss.
+    harmonized, control = derived["loads"]["harmonized"], derived["loads"]["control"]
+    # The harmonized job first checks double backward on images 0 and 1 (no flip), then trains.
+    assert harmonized[0] == ((0, 1), 0, False)
+    harmonized = harmonized[1:]
+    assert len(control) == TRAIN_IMAGES // 16  # one epoch of batch 16: every batch was recorded
+    assert harmonized == control
+    assert sorted(i for indices, _, _ in control for i in indices) == list(range(TRAIN_IMAGES))
     h = pd.read_csv(derived["harmonized"][1] / "history.csv")
     c = pd.read_csv(derived["control"][1] / "history.csv")
     assert h["lr"].tolist() == c["lr"].tolist()

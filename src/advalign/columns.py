@@ -31,14 +31,17 @@ Stage files
 ``results/tables/claims.{csv,md}``        CLAIM_COLUMNS
 ``results/tables/table_s1.{csv,md}``      TABLE_S1_COLUMNS
 ``results/tables/table_s2.{csv,md}``      TABLE_S2_COLUMNS
-``figures/{fig}.{png,pdf}``               fig in FIGURES
+``figures/{fig}.{png,pdf}``               fig in figure_registry.figure_names()
+
+The attacks and the figures are not listed here: their names are those of the attack
+registry (``advalign.attacks.attack_names()``) and of the figure registry
+(``advalign.figure_registry.figure_names()``). This module imports nothing, so a stage's
+code fingerprint (advalign.provenance) does not grow by importing it.
 """
 
 SPLITS = ("train", "heldout", "stimuli")
-ATTACKS = ("pgd_l2", "pgd_linf", "cw_l2")
 ARCH_CLASSES = ("CNN", "ViT", "hybrid")
 TRAINING_KINDS = ("standard", "harmonized", "control", "robust")
-FIGURES = ("fig2", "fig3", "fig4", "fig5", "figS1", "figS2", "figS3", "figS4", "figS5")
 
 SPLIT_ARRAYS = ("images", "labels", "maps", "has_map", "ids")
 CLASS_COLUMNS = ("class_index", "class_name", "animate")
@@ -159,3 +162,4 @@ CLAIM_COLUMNS = (
 )
 TABLE_S1_COLUMNS = ("arch_class", "family", "count")
 TABLE_S2_COLUMNS = ("model", "base_model", "harmonizer_lambda", "accuracy", "control_accuracy", "alignment", "base_alignment")
+

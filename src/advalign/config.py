@@ -7,6 +7,7 @@ key path and what was expected, so a typo in a config key is a clear error.
 from __future__ import annotations
 
 import copy
+from functools import lru_cache
 from pathlib import Path
 
 import yaml
@@ -16,19 +17,47 @@ from .io import PipelineError
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 
 
-def load_schema(path: str | Path = SCHEMA_PATH) -> dict:
+@lru_cache(maxsize=None)
+def _schema_file(path: Path) -> dict:
     with open(path) as fh:
         return yaml.safe_load(fh)
 
 
+def load_schema(path: str | Path = SCHEMA_PATH) -> dict:
+    """The config schema, with the attacks section completed from the attack registry:
+    ``attacks.enabled`` lists the registered attacks (default: those enabled by default),
+    ``attacks.<name>`` is each attack's own block schema, and an override may hold any of them."""
+    from .attacks import registered_attacks
+
+    schema = copy.deepcopy(_schema_file(Path(path).resolve()))
+    section = schema["properties"]["attacks"]["properties"]
+    attacks = registered_attacks()
+    section["enabled"]["items"]["enum"] = [a.name for a in attacks]
+    section["enabled"]["default"] = [a.name for a in attacks if a.enabled_by_default]
+    per_model = section["overrides"]["additionalProperties"]["properties"]
+    for attack in attacks:
+        section[attack.name] = copy.deepcopy(attack.schema)
+        per_model[attack.name] = {k: v for k, v in attack.schema.items() if k != "default"}
+    return schema
+
+
+def schema_defaults(name: str, path: str | Path = SCHEMA_PATH) -> dict:
+    """The defaults a ``$defs`` entry of the schema fills into an empty block (its properties'
+    defaults, then its own ``default`` on top): the one place an attack's defaults are written."""
+    root = _schema_file(Path(path).resolve())
+    node = _resolve(root["$defs"][name], root)
+    return _fill_defaults(copy.deepcopy(node.get("default", {})), node, root)
+
+
 def _resolve(node: dict, root: dict) -> dict:
-    ref = node.get("$ref")
-    if ref is None:
-        return node
-    target = root
-    for part in ref.lstrip("#/").split("/"):
-        target = target[part]
-    return {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+    """A schema node with its ``$ref`` (and the target's own, in turn) merged in; the
+    referring node's keys win (e.g. a block's own ``default``)."""
+    while "$ref" in node:
+        target = root
+        for part in node["$ref"].lstrip("#/").split("/"):
+            target = target[part]
+        node = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+    return node
 
 
 def _fill_defaults(value, node: dict, root: dict):
@@ -59,8 +88,6 @@ def _describe(error) -> str:
         extra = sorted(set(error.instance) - set(allowed))
         hint = f" (expected one of: {', '.join(allowed)})" if allowed else ""
         return f"{where}: unknown key {', '.join(repr(e) for e in extra)}{hint}"
-    if error.validator == "required":
-        return f"{where}: {error.message}"
     return f"{where}: {error.message}"
 
 
@@ -88,9 +115,11 @@ def _check_cross_references(config: dict, source: str) -> None:
         kind = row["training"]
         if kind == "robust" and "robust_eps" not in row:
             raise PipelineError(f"{source}: zoo.derived[{i}] ({row['model']}): robust models need robust_eps")
+    from .attacks import attack_names
+
     attacks = config["attacks"]
-    for attack in ("pgd_l2", "pgd_linf", "cw_l2"):
-        _check_attack_spec(attacks[attack], attack, f"{source}: attacks.{attack}")
+    for attack in attack_names():
+        _check_attack_spec(attacks.get(attack, {}), attack, f"{source}: attacks.{attack}")
     for model, blocks in attacks["overrides"].items():
         for attack, override in blocks.items():
             merged = {**attacks[attack], **override}
@@ -99,13 +128,10 @@ def _check_cross_references(config: dict, source: str) -> None:
 
 def _check_attack_spec(spec: dict, attack: str, where: str) -> None:
     """The attack's own config class accepts the (merged) block: bounds ordered and the like."""
-    from .attacks import CWConfig, PGDConfig
+    from .attacks import get_attack
 
     try:
-        if attack == "cw_l2":
-            CWConfig.from_spec(spec)
-        else:
-            PGDConfig.from_spec("l2" if attack == "pgd_l2" else "linf", spec)
+        get_attack(attack).config(spec)
     except PipelineError as exc:
         raise PipelineError(f"{where}: {exc}") from None
 

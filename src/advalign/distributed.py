@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .device import resolve_device
 from .io import PipelineError, write_json
 
 ERROR_SUFFIX = ".error"
@@ -55,16 +56,6 @@ class Context:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise PipelineError("device is 'cuda' but no GPU is visible")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device(device)
 
 
 def in_torchrun() -> bool:

@@ -18,7 +18,6 @@ import logging
 import math
 import re
 import textwrap
-from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -31,7 +30,9 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from .columns import ARCH_CLASSES, CLASS_COLUMNS, EXAMPLE_ARRAYS  # noqa: E402
+from .figure_registry import ScatterSpec, get_figure  # noqa: E402
 from .io import PipelineError, atomic_path, require_file  # noqa: E402
+from .metrics import perturbation_map  # noqa: E402
 from .stats import STANDARD_SET, pareto_front, prepare_table, read_attack_file, spearman_test  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -63,67 +64,6 @@ KIND_LABELS = {
 AUTO_LABEL_LIMIT = 25  # label every model on small zoos, only derived ones on the paper's 283
 ANIMATE_COLOR = "#1f5fa8"
 INANIMATE_COLOR = "#c8312b"
-
-L2_TOL = r"$\ell_2$ perturbation tolerance" + "\n" + r"(mean $\ell_2$ distance, pixels in [0, 1])"
-LINF_TOL = r"$\ell_\infty$ perturbation tolerance" + "\n" + r"(mean $\ell_\infty$ distance, pixels in [0, 1])"
-ALIGNMENT = "Adversarial alignment\n" + r"(mean Spearman $\rho_s$ with human map)"
-
-
-@dataclass(frozen=True)
-class Axis:
-    attack: str
-    value: str  # model-table column
-    se: str | None  # its standard-error column, if any
-    label: str  # axis label; "accuracy" is replaced by the style's accuracy label
-
-
-@dataclass(frozen=True)
-class ScatterSpec:
-    title: str
-    x: Axis
-    y: Axis
-    models: str  # "all" or "both": models with rows for both axes' attacks
-    test_set: str  # which models the annotated Spearman test uses
-    arrows: bool = False
-    pareto: bool = False
-    identity: bool = False
-
-
-SCATTER_SPECS = {
-    "fig2": ScatterSpec(
-        r"Fig. 2: accuracy vs $\ell_2$-PGD perturbation tolerance",
-        Axis("pgd_l2", "accuracy", None, "accuracy"), Axis("pgd_l2", "tolerance", "tolerance_se", L2_TOL),
-        "all", "standard", arrows=True,
-    ),
-    "fig3": ScatterSpec(
-        r"Fig. 3: accuracy vs adversarial alignment ($\ell_2$ PGD)",
-        Axis("pgd_l2", "accuracy", None, "accuracy"), Axis("pgd_l2", "alignment", "alignment_se", ALIGNMENT),
-        "all", "standard", arrows=True,
-    ),
-    "fig4": ScatterSpec(
-        r"Fig. 4: adversarial alignment vs $\ell_2$ perturbation tolerance",
-        Axis("pgd_l2", "alignment", "alignment_se", ALIGNMENT), Axis("pgd_l2", "tolerance", "tolerance_se", L2_TOL),
-        "all", "standard", arrows=True, pareto=True,
-    ),
-    "figS3": ScatterSpec(
-        r"Fig. S3: accuracy vs $\ell_\infty$-PGD perturbation tolerance",
-        Axis("pgd_linf", "accuracy", None, "accuracy"), Axis("pgd_linf", "tolerance", "tolerance_se", LINF_TOL),
-        "all", "standard",
-    ),
-    "figS4": ScatterSpec(
-        r"Fig. S4: Carlini-Wagner vs PGD $\ell_2$ perturbation tolerance",
-        Axis("pgd_l2", "tolerance", "tolerance_se", r"$\ell_2$-PGD tolerance (mean $\ell_2$, pixels in [0, 1])"),
-        Axis("cw_l2", "tolerance", "tolerance_se", r"$\ell_2$ CW tolerance (mean $\ell_2$, pixels in [0, 1])"),
-        "both", "plotted", identity=True,
-    ),
-    "figS5": ScatterSpec(
-        "Fig. S5: Carlini-Wagner vs PGD adversarial alignment",
-        Axis("pgd_l2", "alignment", "alignment_se", r"$\ell_2$-PGD alignment (Spearman $\rho_s$)"),
-        Axis("cw_l2", "alignment", "alignment_se", r"$\ell_2$ CW alignment (Spearman $\rho_s$)"),
-        "both", "plotted", identity=True,
-    ),
-}
-
 
 # --------------------------------------------------------------------------- shared
 
@@ -248,15 +188,14 @@ def _draw_pareto(ax, data: pd.DataFrame) -> None:
 
 def scatter_figure(fig: str, table: pd.DataFrame, style: dict, png, pdf) -> None:
     """Draw one model-level scatter figure (fig2, fig3, fig4, figS3, figS4, figS5)."""
-    if fig not in SCATTER_SPECS:
-        raise PipelineError(f"{fig}: not a scatter figure (expected one of {', '.join(SCATTER_SPECS)})")
-    spec = SCATTER_SPECS[fig]
+    figure = get_figure(fig, "scatter")
+    spec, title = figure.spec, figure.title
     style = resolve_style(style)
     table = prepare_table(table)
     data = scatter_data(spec, table)
     if data.empty:
         reason = f"no model has both {spec.x.attack} {spec.x.value} and {spec.y.attack} {spec.y.value}"
-        notice_figure(fig, spec.title, reason, style, png, pdf)
+        notice_figure(fig, title, reason, style, png, pdf)
         return
 
     with plt.rc_context(_rc(style)):
@@ -295,7 +234,7 @@ def scatter_figure(fig: str, table: pd.DataFrame, style: dict, png, pdf) -> None
 
         ax.set_xlabel(style["accuracy_label"] if spec.x.label == "accuracy" else spec.x.label)
         ax.set_ylabel(style["accuracy_label"] if spec.y.label == "accuracy" else spec.y.label)
-        ax.set_title(f"{spec.title}\n{_annotation(spec, data)}", loc="left")
+        ax.set_title(f"{title}\n{_annotation(spec, data)}", loc="left")
         ax.grid(True, color="0.92", lw=0.6, zorder=0)
         ax.set_axisbelow(True)
         legend = ax.legend(handles=_legend_handles(data, style, arrows, spec), loc="center left",
@@ -405,12 +344,12 @@ def _legend_handles(data, style, arrows: int, spec: ScatterSpec) -> list:
 # --------------------------------------------------------------------------- qualitative grids
 
 
-def _examples_index(example_paths) -> dict[str, Path]:
-    """model -> example NPZ path, for the l2-PGD examples (``pgd_l2/{model}.npz``)."""
+def _examples_index(example_paths, attack: str = "pgd_l2") -> dict[str, Path]:
+    """model -> example NPZ path, for one attack's examples (``{attack}/{model}.npz``)."""
     index = {}
     for raw in example_paths:
         path = Path(raw)
-        if path.parent.name == "pgd_l2":
+        if path.parent.name == attack:
             index[path.stem] = path
     return index
 
@@ -453,17 +392,18 @@ def select_models(fig: str, table: pd.DataFrame, available: set, n_models: int, 
     the most tolerant robust model, the most accurate ViT, CNN and hybrid, then
     standard models spread over accuracy. S1/S2: the most accurate standard ViTs.
     """
-    rows = table[(table["attack"] == "pgd_l2") & table["model"].isin(available)].set_index("model")
+    spec = get_figure(fig, "qualitative").spec
+    rows = table[(table["attack"] == spec.attack) & table["model"].isin(available)].set_index("model")
     if rows.empty:
-        raise PipelineError(f"{fig}: no l2-PGD example perturbations for any model in the table")
+        raise PipelineError(f"{fig}: no {spec.attack} example perturbations for any model in the table")
     standard = rows[rows["training"] == "standard"].sort_values(["accuracy", "model"], ascending=[False, True])
-    if fig in ("figS1", "figS2"):
+    if spec.models == "top_vits":
         vits = standard[standard["arch_class"] == "ViT"]
         if style["min_accuracy"] is not None:
             vits = vits[vits["accuracy"] >= style["min_accuracy"]]
         if vits.empty:
             kinds = ", ".join(f"{n} {k}" for k, n in standard["arch_class"].value_counts().sort_index().items())
-            raise FigureLacks(f"this zoo has no standard ViT with l2-PGD example perturbations"
+            raise FigureLacks("this zoo has no standard ViT with l2-PGD example perturbations"
                               + (f" and accuracy >= {style['min_accuracy']}" if style["min_accuracy"] else "")
                               + f" (its standard models: {kinds or 'none'})")
         return list(vits.index[:n_models][::-1])  # least to most accurate, left to right
@@ -509,7 +449,7 @@ def select_images(fig: str, examples: dict, labels: pd.DataFrame, n_images: int)
         interleaved += pair
     longer = animate if len(animate) > len(inanimate) else inanimate
     interleaved += longer[min(len(animate), len(inanimate)):]
-    offset = n_images if fig == "figS2" else 0
+    offset = n_images * get_figure(fig, "qualitative").spec.image_offset
     if offset + n_images > len(interleaved):
         log.warning("%s: only %d usable images; the grid shows fewer or repeats earlier ones", fig, len(interleaved))
         offset = max(0, len(interleaved) - n_images)
@@ -553,11 +493,6 @@ def _wrap_name(name: str, panel_inches: float, fontsize: float) -> str:
     return "\n".join(line[i:i + limit] for line in lines for i in range(0, len(line), limit))
 
 
-def _perturbation_map(perturbation: np.ndarray) -> np.ndarray:
-    """|mean over channels of the perturbation|, the map adversarial alignment is computed on."""
-    return np.abs(perturbation.astype(np.float32).mean(axis=-1))
-
-
 def _show(ax, image, cmap=None, vmax=None):
     ax.imshow(image, cmap=cmap, vmin=0 if cmap else None, vmax=vmax, interpolation="nearest")
     ax.set_xticks([])
@@ -574,29 +509,23 @@ def qualitative_figure(fig: str, table: pd.DataFrame, classes: pd.DataFrame, exa
     ``attack_paths`` are the l2-PGD attack tables (labels, per-image l2 and
     alignment); by default the tables next to the example files.
     """
-    if fig not in ("fig5", "figS1", "figS2"):
-        raise PipelineError(f"{fig}: not a qualitative figure (expected fig5, figS1 or figS2)")
+    entry = get_figure(fig, "qualitative")
     if n_images < 1 or n_models < 1:
         raise PipelineError(f"{fig}: n_images and n_models must be at least 1")
     style = resolve_style(style)
     table = prepare_table(table)
-    example_index = _examples_index(example_paths)
+    example_index = _examples_index(example_paths, entry.spec.attack)
     if attack_paths is None:
         attack_paths = [str(p.with_suffix(".parquet")) for p in example_index.values()]
-    titles = {
-        "fig5": r"Fig. 5: $\ell_2$-PGD perturbations for a variety of models",
-        "figS1": r"Fig. S1: $\ell_2$-PGD perturbations on the most accurate ViTs",
-        "figS2": r"Fig. S2: $\ell_2$-PGD perturbations on the most accurate ViTs (other images)",
-    }
     try:
         models = select_models(fig, table, set(example_index), n_models, style)
     except FigureLacks as exc:
-        notice_figure(fig, titles[fig], str(exc), style, png, pdf)
+        notice_figure(fig, entry.title, str(exc), style, png, pdf)
         return
     examples = {m: load_examples(example_index[m]) for m in models}
     labels, per_image = _image_labels(attack_paths, models, classes)
     image_ids = select_images(fig, examples, labels, n_images)
-    model_rows = table[table["attack"] == "pgd_l2"].set_index("model")
+    model_rows = table[table["attack"] == entry.spec.attack].set_index("model")
 
     n_cols = 2 + len(models)
     n_rows = len(image_ids) + 1  # the first image's attacked versions get a row of their own
@@ -628,7 +557,7 @@ def qualitative_figure(fig: str, table: pd.DataFrame, classes: pd.DataFrame, exa
                     ax.text(0.5, 0.5, reason, ha="center", va="center",
                             transform=ax.transAxes, fontsize=style["font_size"] - 2, color="0.35")
                     continue
-                magnitude = _perturbation_map(arrays["perturbations"][j])
+                magnitude = perturbation_map(arrays["perturbations"][j : j + 1], layout="NHWC")[0]
                 # Each panel is scaled to its own 99th percentile: the pattern, not the size, is compared here.
                 _show(ax, magnitude, cmap=style["cmap"], vmax=max(float(np.quantile(magnitude, 0.99)), 1e-8))
                 if image_id in per_image[model].index:  # the attack table's own per-image numbers
@@ -659,7 +588,7 @@ def qualitative_figure(fig: str, table: pd.DataFrame, classes: pd.DataFrame, exa
                 rf"tol {info['tolerance']:.2f}, $\rho_s$ {info['alignment']:.2f}",
                 fontsize=style["font_size"] - 1.5,
             )
-        figure.suptitle(titles[fig], fontsize=style["font_size"] + 1)
+        figure.suptitle(entry.title, fontsize=style["font_size"] + 1)
         footnote = ("Perturbation panels: |channel mean of (attacked - clean)|, each scaled to its own 99th "
                     "percentile; under each panel, that image's l2 distance and Spearman rho with the human map; "
                     "column titles give the model's accuracy, mean l2 tolerance and mean alignment. "

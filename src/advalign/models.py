@@ -48,11 +48,13 @@ class _HardSwish(nn.Module):
         return x * F.relu6(x + 3.0) / 6.0
 
 
-def _row_kwargs(row: dict) -> dict:
-    return _json_object(row.get("timm_kwargs"), f"{row.get('model', '?')}: timm_kwargs")
+def timm_kwargs(row: dict) -> dict:
+    """The zoo row's ``timm_kwargs`` (a JSON object, or already a dict) for timm.create_model;
+    the one parser of that cell (zoo checks, builds, pretrained fetches)."""
+    return json_cell(row.get("timm_kwargs"), f"{row.get('model', '?')}: timm_kwargs")
 
 
-def _json_object(raw, label: str) -> dict:
+def json_cell(raw, label: str) -> dict:
     """A zoo cell holding a JSON object (or already a dict); blank = {}; else a one-line error."""
     raw = raw or "{}"
     if isinstance(raw, dict):
@@ -88,7 +90,7 @@ def enable_double_backward(model: nn.Module) -> nn.Module:
 def _create_timm(row: dict, num_classes: int | None) -> nn.Module:
     import timm
 
-    kwargs = _row_kwargs(row)
+    kwargs = timm_kwargs(row)
     if num_classes is not None:
         kwargs["num_classes"] = int(num_classes)
     try:
@@ -111,7 +113,7 @@ def build_model(row: dict, num_classes: int, double_backward: bool = False) -> n
 def _build_key(row: dict, num_classes: int) -> str:
     from importlib.metadata import version
 
-    fields = [row["timm_name"], _row_kwargs(row), int(num_classes), version("timm"), version("torch")]
+    fields = [row["timm_name"], timm_kwargs(row), int(num_classes), version("timm"), version("torch")]
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -181,7 +183,7 @@ def data_config_overrides(row: dict) -> dict:
 
     A researcher's checkpoint may expect another normalisation or input size than timm's
     default config of the architecture: these values replace timm's."""
-    overrides = _json_object(row.get("data_config"), "data_config")
+    overrides = json_cell(row.get("data_config"), "data_config")
     unknown = sorted(set(overrides) - set(DATA_CONFIG_KEYS))
     if unknown:
         raise PipelineError(f"data_config key(s) {', '.join(unknown)} unknown (expected {', '.join(DATA_CONFIG_KEYS)})")
@@ -275,7 +277,7 @@ def load_model(weights_path, row: dict | None = None, device="cpu") -> tuple[nn.
         built_from = meta["model_row"]
         if row is not None:
             same_name = row.get("timm_name") == built_from.get("timm_name")
-            if not same_name or _row_kwargs(row) != _row_kwargs(built_from):
+            if not same_name or timm_kwargs(row) != timm_kwargs(built_from):
                 raise PipelineError(
                     f"{name}: {path} holds {built_from.get('timm_name')} {built_from.get('timm_kwargs') or '{}'}, "
                     f"the zoo says {row.get('timm_name')} {row.get('timm_kwargs') or '{}'}"
@@ -318,23 +320,28 @@ def load_model(weights_path, row: dict | None = None, device="cpu") -> tuple[nn.
 class NormalizedModel(nn.Module):
     """``x`` RGB in [0, 1], [N, 3, H, W] -> logits; mean/std normalisation happens inside.
 
-    Always in eval mode with frozen parameters: attacks differentiate with respect to
-    the input only, and batch statistics must not depend on the attacked batch.
+    The one pixel-space wrapper: attacks, saliency and the harmonizer all differentiate with
+    respect to [0, 1] pixels. ``frozen=True`` (the attacked function) keeps it in eval mode
+    with frozen parameters: attacks differentiate with respect to the input only, and batch
+    statistics must not depend on the attacked batch. ``frozen=False`` is the trainable view
+    that training wraps around the model it optimises.
     """
 
-    def __init__(self, model: nn.Module, mean, std, data_config: dict | None = None):
+    def __init__(self, model: nn.Module, mean, std, data_config: dict | None = None, frozen: bool = True):
         super().__init__()
         self.model = model
+        self.frozen = frozen
         self.register_buffer("mean", torch.tensor([float(m) for m in mean]).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor([float(s) for s in std]).view(1, -1, 1, 1))
         self.data_config = dict(data_config) if data_config else None
-        for parameter in self.model.parameters():
-            parameter.requires_grad_(False)
-        self.eval()
+        if frozen:
+            for parameter in self.model.parameters():
+                parameter.requires_grad_(False)
+            self.eval()
 
     def train(self, mode: bool = True):
-        # Never leave eval mode: BatchNorm / dropout must not react to attacked batches.
-        return super().train(False)
+        # Frozen: never leave eval mode, BatchNorm / dropout must not react to attacked batches.
+        return super().train(mode and not self.frozen)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model((x - self.mean) / self.std)

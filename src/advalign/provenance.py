@@ -82,6 +82,15 @@ def _parse(path: Path) -> tuple[str, ast.AST]:
     return _parsed(path.resolve(), stat.st_mtime_ns, stat.st_size)
 
 
+def _discovers_submodules(tree: ast.AST) -> bool:
+    """A package whose __init__ sets ``DISCOVERS_SUBMODULES = True`` imports every module in
+    it at run time (a plugin registry, e.g. advalign.attacks): all of them are its code."""
+    for node in getattr(tree, "body", []):
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "DISCOVERS_SUBMODULES" for t in node.targets):
+            return isinstance(node.value, ast.Constant) and node.value.value is True
+    return False
+
+
 def package_modules(script: Path, package_dir: Path) -> dict[str, Path]:
     """{module name: file} of every package module ``script`` imports, transitively."""
     pending = _imported_modules(_parse(Path(script))[1], "__script__", False)
@@ -94,7 +103,10 @@ def package_modules(script: Path, package_dir: Path) -> dict[str, Path]:
         if path is None:
             continue  # a name imported from a module, not a module
         modules[name] = path
-        pending |= _imported_modules(_parse(path)[1], name, path.name == "__init__.py")
+        tree = _parse(path)[1]
+        pending |= _imported_modules(tree, name, path.name == "__init__.py")
+        if path.name == "__init__.py" and _discovers_submodules(tree):
+            pending |= {f"{name}.{p.stem}" for p in path.parent.glob("*.py") if p.name != "__init__.py"}
         # Importing a.b.c runs the __init__ of a and a.b too.
         parent = name.rpartition(".")[0]
         if parent:

@@ -41,8 +41,10 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from .columns import ARCH_CLASSES, ATTACK_COLUMNS, ATTACKS, MODEL_ATTACK_COLUMNS, TEST_KEYS, TRAINING_KINDS
+from .attacks.registry import attack_names, get_attack
+from .columns import ARCH_CLASSES, ATTACK_COLUMNS, MODEL_ATTACK_COLUMNS, TEST_KEYS, TRAINING_KINDS
 from .io import PipelineError, read_json, require_file
+from .metrics import mean_and_se
 
 log = logging.getLogger(__name__)
 
@@ -56,18 +58,6 @@ REQUIRED_ZOO_KEYS = (
 
 
 # --------------------------------------------------------------------------- small helpers
-
-
-def mean_and_se(values) -> tuple[float, float, int]:
-    """Mean, standard error of the mean (sample SD / sqrt(n)) and n over the finite values."""
-    values = np.asarray(values, dtype=float)
-    values = values[np.isfinite(values)]
-    n = len(values)
-    if n == 0:
-        return math.nan, math.nan, 0
-    mean = float(values.mean())
-    se = float(values.std(ddof=1) / math.sqrt(n)) if n >= 2 else math.nan
-    return mean, se, n
 
 
 def _is_blank(value) -> bool:
@@ -136,9 +126,9 @@ def read_attack_file(path, columns=None) -> pd.DataFrame:
             raise PipelineError(f"{path}: column {column!r} holds {len(found)} values ({', '.join(found[:3])})")
         if found[0] != expected:
             raise PipelineError(f"{path}: file is for {column} {found[0]!r} but its path says {expected!r}")
-    if frame["attack"].iloc[0] not in ATTACKS:
+    if frame["attack"].iloc[0] not in attack_names():
         raise PipelineError(
-            f"{path}: unknown attack {frame['attack'].iloc[0]!r} (expected one of {', '.join(ATTACKS)})"
+            f"{path}: unknown attack {frame['attack'].iloc[0]!r} (expected one of {', '.join(attack_names())})"
         )
     if frame["image_id"].duplicated().any():
         dup = frame.loc[frame["image_id"].duplicated(), "image_id"].iloc[0]
@@ -180,7 +170,7 @@ def summarize_attack(frame: pd.DataFrame) -> dict:
     attack = frame["attack"].iloc[0]
     successful = frame[frame["success"]]
     measured = successful[~successful["censored"]]
-    tolerance_column = "linf" if attack == "pgd_linf" else "l2"
+    tolerance_column = get_attack(attack).tolerance_column
     tolerance, tolerance_se, _ = mean_and_se(measured[tolerance_column])
     tolerance_l2, tolerance_l2_se, _ = mean_and_se(measured["l2"])
     # A constant perturbation map has no rank correlation (NaN); such images drop out of the mean.
@@ -275,7 +265,8 @@ def build_model_table(zoo_rows: list[dict], attack_paths: list[str], metrics_pat
     if table.empty:
         return table
     zoo_order = {m: i for i, m in enumerate(zoo)}
-    table["_order"] = table["model"].map(zoo_order) * len(ATTACKS) + table["attack"].map(ATTACKS.index)
+    names = attack_names()
+    table["_order"] = table["model"].map(zoo_order) * len(names) + table["attack"].map(names.index)
     return table.sort_values("_order").drop(columns="_order").reset_index(drop=True)
 
 

@@ -42,6 +42,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -63,8 +64,9 @@ from .data.training_sources import (
     mixup,
 )
 from .harmonizer import harmonizer_terms, mixed_cross_entropy
+from .device import cuda_fp32_mode
 from .io import PipelineError, read_json, write_json, write_table
-from .models import build_model, data_config as resolve_data_config, load_model, save_trained, synthetic_data_config
+from .models import NormalizedModel, build_model, data_config as resolve_data_config, load_model, save_trained, synthetic_data_config
 
 __all__ = [
     "ArraySource",
@@ -89,20 +91,6 @@ _NOT_HASHED = ("threads", "checkpoint_every", "loader_workers")
 # ---------------------------------------------------------------------------
 # Networks and objectives
 # ---------------------------------------------------------------------------
-
-
-class Normalize(nn.Module):
-    """Trainable view of a model on [0, 1] pixels: the mean/std normalisation is part of the
-    differentiated function, so saliency and attacks live in pixel space (as the attacks do)."""
-
-    def __init__(self, model: nn.Module, mean, std):
-        super().__init__()
-        self.model = model
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, pixels):
-        return self.model((pixels - self.mean) / self.std)
 
 
 class _Objective:
@@ -536,25 +524,71 @@ class Trainer:
 # ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class TrainJob:
+    """One ``train`` rule job, as it travels from the rule to the trainer (and, as JSON,
+    to every torchrun rank). ``job`` = {"model": zoo row, "recipe": the validated config's
+    ``training`` block with derived overrides applied, "device", "seed"[, "verify_crc"]};
+    ``train_path`` / ``heldout_path``: NPZ splits, or (paper) ImageNet index CSVs with
+    ``clickme_shards``."""
+
+    job: dict
+    train_path: str
+    heldout_path: str
+    base_weights: str | None
+    out_weights: str
+    out_metrics: str
+    out_history: str
+    clickme_shards: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        for name in ("train_path", "heldout_path", "out_weights", "out_metrics", "out_history"):
+            object.__setattr__(self, name, str(getattr(self, name)))
+        object.__setattr__(self, "base_weights", str(self.base_weights) if self.base_weights else None)
+        object.__setattr__(self, "clickme_shards", tuple(str(p) for p in self.clickme_shards))
+
+    @property
+    def row(self) -> dict:
+        return dict(self.job["model"])
+
+    @property
+    def recipe(self) -> dict:
+        return dict(self.job["recipe"])
+
+    @property
+    def inputs(self) -> list:
+        return [self.train_path, self.heldout_path, self.base_weights, *self.clickme_shards]
+
+    def to_dict(self) -> dict:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, spec: dict) -> "TrainJob":
+        return cls(**{f.name: spec[f.name] for f in fields(cls) if f.name in spec})
+
+
+
 def _objective(kind: str, row: dict, recipe: dict):
     smoothing = float(recipe["label_smoothing"])
     if kind in ("standard", "control"):
         return CrossEntropyObjective(smoothing)
+    # ``recipe`` is the validated config's training block: every default is the schema's.
     if kind == "harmonized":
-        harmonizer = recipe.get("harmonizer", {})
+        harmonizer = recipe["harmonizer"]
         weight = row.get("harmonizer_lambda")
         if weight is None or weight != weight:
-            weight = harmonizer.get("default_lambda", 1.0)
+            # The workflow gives a harmonized row without a lambda training.harmonizer.default_lambda.
+            raise PipelineError(f"{row['model']}: a harmonized model needs a harmonizer_lambda")
         return HarmonizerObjective(
-            weight, harmonizer.get("levels", 5), smoothing, warmup=harmonizer.get("lambda_warmup", 0.0),
-            reduction=harmonizer.get("reduction", "released_code"),
+            weight, harmonizer["levels"], smoothing, warmup=harmonizer["lambda_warmup"],
+            reduction=harmonizer["reduction"],
         )
     if kind == "robust":
         eps = row.get("robust_eps")
         if eps is None or eps != eps or float(eps) <= 0:
             raise PipelineError(f"{row['model']}: robust training needs robust_eps > 0")
-        robust = recipe.get("robust", {})
-        return MadryObjective(eps, robust.get("steps", 3), robust.get("step_scale", 2.5), smoothing)
+        robust = recipe["robust"]
+        return MadryObjective(eps, robust["steps"], robust["step_scale"], smoothing)
     raise PipelineError(f"{row['model']}: training kind {kind!r} is not one of {', '.join(TRAINING_KINDS)}")
 
 
@@ -579,15 +613,22 @@ def _precision(recipe: dict, device: torch.device):
     if device.type != "cuda":
         return "fp32", contextlib.nullcontext
     name = "bf16" if wanted == "auto" else wanted
-    torch.backends.cuda.matmul.allow_tf32 = name in ("tf32", "bf16")
-    torch.backends.cudnn.allow_tf32 = name in ("tf32", "bf16")
     if name == "bf16":
         return name, lambda: torch.autocast("cuda", dtype=torch.bfloat16)
     return name, contextlib.nullcontext
 
 
-def _model_and_data(ctx, row, kind, recipe, job, train_path, heldout_path, base_weights, clickme_shards):
+def _fp32_numerics(recipe: dict, device: torch.device):
+    """How fp32 matmuls run for the whole training job (TF32 under bf16/tf32 on CUDA), restored after."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return cuda_fp32_mode("tf32" if _precision(recipe, device)[0] in ("tf32", "bf16") else "ieee")
+
+
+def _model_and_data(ctx, tj: TrainJob, row: dict, kind: str, recipe: dict):
     """(model, data config, train source, held-out source) of one job."""
+    train_path, heldout_path, base_weights = tj.train_path, tj.heldout_path, tj.base_weights
+    job, clickme_shards = tj.job, tj.clickme_shards
     name = row["model"]
     arrays = Path(train_path).suffix == ".npz"
     if arrays:
@@ -645,8 +686,8 @@ def _hash_spec(job, recipe, ctx, inputs) -> str:
     )
 
 
-def _train(ctx, job, train_path, heldout_path, base_weights, out_weights, out_metrics, out_history, clickme_shards):
-    row, recipe = dict(job["model"]), dict(job["recipe"])
+def _train(ctx, tj: TrainJob):
+    job, row, recipe = tj.job, tj.row, tj.recipe
     name, kind, seed = row["model"], row.get("training") or "standard", int(job.get("seed", 0))
     if int(recipe["batch_size"]) % ctx.world_size:
         raise PipelineError(f"{name}: training.batch_size {recipe['batch_size']} is not divisible by {ctx.world_size} processes")
@@ -655,10 +696,8 @@ def _train(ctx, job, train_path, heldout_path, base_weights, out_weights, out_me
     random.seed(derive_seed(seed, 0, 0))
     precision, autocast = _precision(recipe, ctx.device)
 
-    model, config, train, heldout = _model_and_data(
-        ctx, row, kind, recipe, job, train_path, heldout_path, base_weights, clickme_shards
-    )
-    plain = Normalize(model, config["mean"], config["std"]).to(ctx.device)
+    model, config, train, heldout = _model_and_data(ctx, tj, row, kind, recipe)
+    plain = NormalizedModel(model, config["mean"], config["std"], frozen=False).to(ctx.device)
     if kind == "harmonized":
         _check_double_backward(plain, train, ctx.device, name)
     objective = _objective(kind, row, recipe)
@@ -689,8 +728,8 @@ def _train(ctx, job, train_path, heldout_path, base_weights, out_weights, out_me
     else:
         net = plain
 
-    checkpoint_path = Path(out_weights).with_name("checkpoint.pt")
-    inputs = [train_path, heldout_path, base_weights, *clickme_shards]
+    checkpoint_path = Path(tj.out_weights).with_name("checkpoint.pt")
+    inputs = tj.inputs
     trainer = Trainer(ctx, net, plain, train, objective, optimizer, scheduler, {**recipe, "epochs": epochs}, seed,
                       name, checkpoint_path, _hash_spec(job, recipe, ctx, inputs))  # fmt: skip
     if ctx.is_main:
@@ -723,7 +762,7 @@ def _train(ctx, job, train_path, heldout_path, base_weights, out_weights, out_me
         } if kind == "harmonized" else None,
         "weight_decay": decay,
         "robust_eps": objective.eps if kind == "robust" else None,
-        "heldout_set": str(heldout_path),
+        "heldout_set": tj.heldout_path,
         "cpu_seconds": trainer.cpu,  # rank 0's CPU seconds (comparable across loaded machines)
         "steps": trainer.total_steps,
         "resumed_from_step": trainer.resumed_from,
@@ -741,9 +780,9 @@ def _train(ctx, job, train_path, heldout_path, base_weights, out_weights, out_me
             "seed": seed,
             "heldout_accuracy": accuracy,
         }
-        save_trained(model, meta, out_weights)
-        write_table(pd.DataFrame(history, columns=list(HISTORY_COLUMNS)), out_history)
-        write_json(metrics, out_metrics)
+        save_trained(model, meta, tj.out_weights)
+        write_table(pd.DataFrame(history, columns=list(HISTORY_COLUMNS)), tj.out_history)
+        write_json(metrics, tj.out_metrics)
         checkpoint_path.unlink(missing_ok=True)
     distributed.barrier(ctx)
     return metrics
@@ -751,34 +790,26 @@ def _train(ctx, job, train_path, heldout_path, base_weights, out_weights, out_me
 
 def train_model(job: dict, train_path, heldout_path, base_weights, out_weights, out_metrics, out_history,
                 clickme_shards=(), processes: int = 1, nodes: int = 1) -> dict:  # fmt: skip
-    """Train one zoo model as ``job`` says; write weights.pt, metrics.json and history.csv.
+    """Train one zoo model as ``job`` says; write weights.pt, metrics.json and history.csv
+    (the arguments make one :class:`TrainJob`). ``processes`` per node x ``nodes`` > 1
+    re-launches the job under torchrun (advalign.distributed). Returns the metrics."""
+    tj = TrainJob(job, train_path, heldout_path, base_weights, out_weights, out_metrics, out_history,
+                  tuple(clickme_shards))  # fmt: skip
+    return run_train_job(tj, processes, nodes)
 
-    job = {"model": zoo row, "recipe": config ``training`` (with derived overrides applied),
-    "device": "cpu" | "cuda" | "auto", "seed": int[, "verify_crc": bool]}. ``train_path`` /
-    ``heldout_path``: NPZ splits, or (paper) ImageNet index CSVs with ``clickme_shards``.
-    ``processes`` per node x ``nodes`` > 1 re-launches this function under torchrun
-    (advalign.distributed). Returns the metrics.
-    """
+
+def run_train_job(tj: TrainJob, processes: int = 1, nodes: int = 1) -> dict:
     if processes * nodes > 1 and not distributed.in_torchrun():
-        recipe = job.get("recipe", {})
-        spec = {
-            "job": job,
-            "train_path": str(train_path),
-            "heldout_path": str(heldout_path),
-            "base_weights": str(base_weights) if base_weights else None,
-            "out_weights": str(out_weights),
-            "out_metrics": str(out_metrics),
-            "out_history": str(out_history),
-            "clickme_shards": [str(p) for p in clickme_shards],
-            # Intra-op threads per rank: its training.threads CPUs less one per loader worker.
-            "rank_threads": max(1, int(recipe.get("threads", 1)) - int(recipe.get("loader_workers", 0) or 0)),
-        }
-        distributed.launch(spec, Path(out_weights).with_name("launch.json"), processes, nodes)
-        return read_json(out_metrics)
-    ctx = distributed.setup(job.get("device", "cpu"))
+        recipe = tj.recipe
+        # Intra-op threads per rank: its training.threads CPUs less one per loader worker.
+        rank_threads = max(1, int(recipe["threads"]) - int(recipe["loader_workers"] or 0))
+        spec = {**tj.to_dict(), "rank_threads": rank_threads}
+        distributed.launch(spec, Path(tj.out_weights).with_name("launch.json"), processes, nodes)
+        return read_json(tj.out_metrics)
+    ctx = distributed.setup(tj.job.get("device", "cpu"))
     try:
-        return _train(ctx, job, train_path, heldout_path, base_weights, out_weights, out_metrics, out_history,
-                      [str(p) for p in clickme_shards])  # fmt: skip
+        with _fp32_numerics(tj.recipe, ctx.device):
+            return _train(ctx, tj)
     finally:
         distributed.teardown(ctx)
 
@@ -797,10 +828,7 @@ def main(argv=None) -> int:
     try:
         spec = distributed.read_spec(spec_path)
         torch.set_num_threads(int(spec.get("rank_threads", 1)))
-        train_model(
-            spec["job"], spec["train_path"], spec["heldout_path"], spec["base_weights"], spec["out_weights"],
-            spec["out_metrics"], spec["out_history"], clickme_shards=spec.get("clickme_shards", ()),
-        )  # fmt: skip
+        run_train_job(TrainJob.from_dict(spec))
     except PipelineError as exc:
         distributed.write_error(spec_path, rank, str(exc))
         print(f"error (rank {rank}): {exc}", file=sys.stderr)

@@ -11,12 +11,12 @@ for the zoo row's tagged ``timm_name``, saved with ``torch.save`` (atomically);
 
 from __future__ import annotations
 
-import json
 import logging
 from functools import lru_cache
 from pathlib import Path
 
 from .io import PipelineError, torch_save
+from .models import timm_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +84,6 @@ def check_zoo_timm_names(rows) -> None:
         check_timm_name(row["timm_name"], row["model"])
 
 
-def _kwargs(row) -> dict:
-    raw = row.get("timm_kwargs") or "{}"
-    return dict(raw) if isinstance(raw, dict) else json.loads(raw)
-
-
 def fetch_pretrained_weights(row: dict, out_path: str | Path) -> Path:
     """Download timm's pretrained weights of a zoo row and save its state dict to ``out_path``."""
     import timm
@@ -96,7 +91,7 @@ def fetch_pretrained_weights(row: dict, out_path: str | Path) -> Path:
     model = row["model"]
     check_timm_name(row["timm_name"], model)
     try:
-        net = timm.create_model(row["timm_name"], pretrained=True, **_kwargs(row))
+        net = timm.create_model(row["timm_name"], pretrained=True, **timm_kwargs(row))
     except Exception as exc:  # network, hub or checkpoint problems: all reported in one line
         reason = (str(exc).strip().splitlines() or [""])[0][:300]
         raise PipelineError(

@@ -3,7 +3,6 @@ robust) models declared in config. One DataFrame with ``columns.ZOO_COLUMNS``.""
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -12,7 +11,7 @@ import pandas as pd
 
 from .columns import ARCH_CLASSES, TRAINING_KINDS, ZOO_COLUMNS
 from .io import PipelineError
-from .models import data_config_overrides
+from .models import data_config_overrides, json_cell
 
 _ID = re.compile(r"^[A-Za-z0-9_.-]+$")
 REQUIRED_TABLE_COLUMNS = ("model", "timm_name", "arch_class", "family")
@@ -47,12 +46,7 @@ def read_zoo_table(path: str | Path) -> pd.DataFrame:
         if row["training"] not in TRAINING_KINDS:
             raise PipelineError(f"{where}: training {row['training']!r} is not one of {', '.join(TRAINING_KINDS)}")
         try:
-            kwargs = json.loads(row["timm_kwargs"] or "{}")
-        except json.JSONDecodeError:
-            raise PipelineError(f"{where}: timm_kwargs is not a JSON object: {row['timm_kwargs']!r}") from None
-        if not isinstance(kwargs, dict):
-            raise PipelineError(f"{where}: timm_kwargs must be a JSON object")
-        try:
+            json_cell(row["timm_kwargs"], "timm_kwargs")
             data_config_overrides(row)
         except PipelineError as exc:
             raise PipelineError(f"{where}: {exc}") from None
@@ -122,10 +116,6 @@ def load_zoo(config: dict) -> pd.DataFrame:
         dup = zoo.loc[zoo["model"].duplicated(), "model"].iloc[0]
         raise PipelineError(f"{config['zoo']['table']}: model id {dup!r} appears twice")
     return zoo.reset_index(drop=True)
-
-
-def timm_kwargs(row) -> dict:
-    return json.loads(row["timm_kwargs"] or "{}")
 
 
 def derived_spec(config: dict, model: str) -> dict:

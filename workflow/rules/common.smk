@@ -12,7 +12,8 @@ from advalign.config import check_overrides_name_models, validate_config
 from advalign.models import check_models_build
 from advalign.io import PipelineError
 from advalign.zoo import derived_spec, load_zoo
-from advalign.columns import ATTACKS, FIGURES
+from advalign.attacks import attack_names, get_attack
+from advalign.figure_registry import figure_names
 
 try:
     _validated = validate_config(config, source="config")
@@ -42,7 +43,7 @@ SYNTHETIC = config["data"]["kind"] == "synthetic"
 
 wildcard_constraints:
     model="|".join(map(re.escape, MODELS)) if MODELS else "NO_MODELS",
-    attack="|".join(ATTACKS),
+    attack="|".join(attack_names()),
 
 
 def code_version(script):
@@ -84,23 +85,19 @@ def model_metrics():
 
 
 def attack_models(attack):
-    """Models an attack is run on: every model, except CW on a CNN/ViT subset (docs/methods.md §3)."""
+    """Models an attack is run on: the ones its registry entry selects (CW: a CNN/ViT subset,
+    docs/methods.md §3), none when the attack is not enabled."""
     if attack not in config["attacks"]["enabled"]:
         return []
-    if attack != "cw_l2":
-        return list(MODELS)
-    cw = config["attacks"]["cw_l2"]
-    chosen = []
-    for arch_class, n in (("CNN", cw["n_cnn"]), ("ViT", cw["n_vit"])):
-        pool = [m for m in MODELS if ZOO_ROWS[m]["arch_class"] == arch_class]
-        chosen += pool[:n]
-    return [m for m in MODELS if m in chosen]
+    return get_attack(attack).models(
+        config["attacks"][attack], [ZOO_ROWS[m] for m in MODELS]
+    )
 
 
 def attack_outputs(kind="parquet"):
     return [
         f"results/attacks/{attack}/{model}.{kind}"
-        for attack in ATTACKS
+        for attack in attack_names()
         for model in attack_models(attack)
     ]
 
@@ -278,7 +275,7 @@ def train_multinode(name):
 
 
 def figure_outputs():
-    return expand("figures/{fig}.{ext}", fig=FIGURES, ext=("png", "pdf"))
+    return expand("figures/{fig}.{ext}", fig=figure_names(), ext=("png", "pdf"))
 
 
 def table_outputs():

@@ -1,9 +1,9 @@
-# One rule per figure. Scatter figures read only the per-model table, so a
-# style change re-plots one figure and never re-trains or re-attacks.
-# Figures are localrules: they run on the submit host, not through SLURM.
-
-SCATTER_FIGURES = ("fig2", "fig3", "fig4", "figS3", "figS4", "figS5")
-QUALITATIVE_FIGURES = ("fig5", "figS1", "figS2")
+# One rule per figure of the figure registry (advalign.figure_registry), by kind.
+# Scatter figures read only the per-model table, so a style change re-plots one
+# figure and never re-trains or re-attacks. Qualitative grids also read their
+# attack's example perturbations. Figures are localrules: they run on the submit
+# host, not through SLURM.
+from advalign.figure_registry import figures_of_kind
 
 
 def map_label():
@@ -25,7 +25,8 @@ def figure_style(fig):
     }
 
 
-for fig in SCATTER_FIGURES:
+for entry in figures_of_kind("scatter"):
+    fig = entry.id
 
     rule:
         name:
@@ -35,7 +36,7 @@ for fig in SCATTER_FIGURES:
         output:
             png=report(
                 f"figures/{fig}.png",
-                caption=f"../report/{fig}.rst",
+                caption=f"../../{entry.caption}",
                 category="Figures",
             ),
             pdf=f"figures/{fig}.pdf",
@@ -52,7 +53,9 @@ for fig in SCATTER_FIGURES:
             "../scripts/scatter_figure.py"
 
 
-for fig in QUALITATIVE_FIGURES:
+for entry in figures_of_kind("qualitative"):
+    fig = entry.id
+    shown = entry.spec.attack
 
     rule:
         name:
@@ -60,17 +63,15 @@ for fig in QUALITATIVE_FIGURES:
         input:
             table="results/stats/model_attack_table.csv",
             classes="results/data/classes.csv",
-            examples=[
-                f"results/attacks/pgd_l2/{m}.npz" for m in attack_models("pgd_l2")
-            ],
+            examples=[f"results/attacks/{shown}/{m}.npz" for m in attack_models(shown)],
             # labels and per-image l2 / alignment of the shown examples
             attacks=[
-                f"results/attacks/pgd_l2/{m}.parquet" for m in attack_models("pgd_l2")
+                f"results/attacks/{shown}/{m}.parquet" for m in attack_models(shown)
             ],
         output:
             png=report(
                 f"figures/{fig}.png",
-                caption=f"../report/{fig}.rst",
+                caption=f"../../{entry.caption}",
                 category="Figures",
             ),
             pdf=f"figures/{fig}.pdf",

@@ -1,0 +1,351 @@
+"""Minimal-ε PGD (ℓ2 and ℓ∞): the paper's Algorithm 1, batched.
+
+Madry et al. 2018, "Towards deep learning models resistant to adversarial attacks"
+(PGD), searched over ε as the paper's Algorithm 1 does (docs/methods.md §3).
+
+``minimal_epsilon_search`` bisects ε per image in [lower, upper]; an attack succeeds
+when the prediction changes; the adversarial example of the smallest successful ε is
+kept. Images the attack cannot fool at the upper bound are failures (decided by one
+attack at the upper bound before bisecting, so they cost nothing more). Images whose
+bisection has converged leave the active batch. A bracket that closes on the lower
+bound is checked by one trial there: fooled = censored.
+
+Arguments and shapes: x float [N, 3, H, W] in [0, 1] on the function's device, y int64
+[N] (labels the model predicts correctly); the result is an ``AttackResult`` whose
+``epsilon`` is the smallest successful ε (ℓ2 or ℓ∞ radius, [0, 1] pixel scale).
+
+Every per-image quantity depends only on that image (its own ε, bounds, step size and
+random-start seed; a summed loss so gradients never mix), so a batch gives the same
+numbers as one image at a time, up to floating-point reordering.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..config import schema_defaults
+from ..io import PipelineError
+from .function import AttackedFunction, batches, per_image
+from .registry import NORMS, Attack, AttackResult, register_attack
+
+STOP_RULES = ("relative", "absolute")
+# Added to ‖g‖₂ before dividing, as torchattacks does, so a zero gradient gives a zero step.
+GRAD_NORM_FLOOR = 1e-10
+# The schema's $defs/pgd defaults, and each norm's own attack block defaults on top (ℓ∞: eps_max).
+_DEFAULTS = {norm: schema_defaults(f"pgd_{norm}") for norm in NORMS}
+_SHARED = schema_defaults("pgd")
+
+
+@dataclass(frozen=True)
+class PGDConfig:
+    """One minimal-ε PGD search (the config schema's ``pgd`` block plus the norm)."""
+
+    norm: str  # "l2" | "linf"
+    # Defaults are the config schema's (workflow/schemas/config.schema.yaml, $defs/pgd), written
+    # nowhere else; eps_max None takes the norm's own block default (pgd_linf: 1.0, pgd_l2: 10).
+    eps_min: float = _SHARED["eps_min"]
+    eps_max: float | None = None
+    # relative: geometric bisection until upper − lower <= precision·upper (every ε resolved
+    # to the same relative precision); absolute: Algorithm 1's arithmetic bisection until
+    # upper − lower < threshold (the paper's rule, for a faithful rerun).
+    stop: str = _SHARED["stop"]
+    precision: float = _SHARED["precision"]
+    threshold: float = _SHARED["threshold"]
+    steps: int = _SHARED["steps"]
+    step_rule: str = _SHARED["step_rule"]  # relative: α = step_scale·ε/steps; fixed: α = step_scale
+    step_scale: float = _SHARED["step_scale"]
+    random_start: bool = _SHARED["random_start"]
+
+    def __post_init__(self):
+        if self.norm not in NORMS:
+            raise PipelineError(f"PGD norm {self.norm!r} is not one of {', '.join(NORMS)}")
+        if self.eps_max is None:
+            object.__setattr__(self, "eps_max", _DEFAULTS[self.norm]["eps_max"])
+        if self.stop not in STOP_RULES:
+            raise PipelineError(f"PGD stop {self.stop!r} is not one of {', '.join(STOP_RULES)}")
+        if not 0 < self.precision < 1:
+            raise PipelineError(f"PGD precision must be in (0, 1) (a fraction of the upper bound), got {self.precision}")
+        if self.step_rule not in ("relative", "fixed"):
+            raise PipelineError(f"PGD step_rule {self.step_rule!r} is not 'relative' or 'fixed'")
+        if not (0 < self.eps_min < self.eps_max):
+            raise PipelineError(f"PGD bounds need 0 < eps_min < eps_max, got {self.eps_min} and {self.eps_max}")
+        if not self.threshold > 0 or self.steps < 1 or not self.step_scale > 0:
+            raise PipelineError("PGD threshold and step_scale must be > 0 and steps >= 1")
+
+    @classmethod
+    def from_spec(cls, norm: str, spec: dict) -> "PGDConfig":
+        known = {f.name for f in fields(cls)} - {"norm"}
+        unknown = sorted(set(spec) - known)
+        if unknown:
+            raise PipelineError(f"unknown PGD parameter(s) {', '.join(unknown)} (expected {', '.join(sorted(known))})")
+        return cls(norm=norm, **spec)
+
+    def describe(self) -> str:
+        """The search that produced a result, as recorded in the attack table's ``search`` column."""
+        rule = (f"geometric bisection to {self.precision:g} relative" if self.stop == "relative"
+                else f"bisection to {self.threshold:g} absolute")  # fmt: skip
+        return f"{rule} in [{self.eps_min:g}, {self.eps_max:g}]"
+
+    def open_brackets(self, lower: np.ndarray, upper: np.ndarray, threshold: np.ndarray) -> np.ndarray:
+        """Which brackets still need a trial under the stopping rule."""
+        if self.stop == "relative":
+            return (upper - lower) > self.precision * upper
+        return (upper - lower) >= threshold
+
+    def midpoint(self, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+        if self.stop == "relative":
+            return np.sqrt(lower * upper)
+        return lower + (upper - lower) / 2
+
+    def max_trials(self, lower: np.ndarray, upper: np.ndarray, threshold: np.ndarray) -> int:
+        """Bisection trials the widest bracket needs (for the progress bar)."""
+        if not len(lower):
+            return 0
+        if self.stop == "relative":
+            halvings = np.log2(np.maximum(np.log(upper / lower) / -np.log1p(-self.precision), 1.0))
+        else:
+            halvings = np.log2(np.maximum((upper - lower) / threshold, 1.0))
+        return int(np.max(np.ceil(halvings))) + 2
+
+    def step_size(self, eps: np.ndarray) -> np.ndarray:
+        """α per image (float64), computed as the reference loop computes it."""
+        eps = np.asarray(eps, dtype=np.float64)
+        if self.step_rule == "relative":
+            return self.step_scale * eps / self.steps
+        return np.full_like(eps, self.step_scale)
+
+
+def project_l2(delta: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Scale each δ onto the ℓ2 ball of its own radius ε (δ already inside is unchanged)."""
+    norms = delta.flatten(1).norm(p=2, dim=1)
+    # reciprocal()·ε (not ε/‖δ‖) is how torchattacks evaluates `eps / norms`; the
+    # same rounding keeps the bisection decisions of the two bit-for-bit equal.
+    factor = torch.minimum(norms.reciprocal() * eps, torch.ones_like(norms))
+    return delta * per_image(factor)
+
+
+def project_linf(delta: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Clip each δ to the ℓ∞ ball of its own radius ε."""
+    bound = per_image(eps)
+    return torch.maximum(torch.minimum(delta, bound), -bound)
+
+
+def pgd_step(
+    adv: torch.Tensor, x: torch.Tensor, grad: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, norm: str
+) -> torch.Tensor:
+    """One ascent step from ``adv``, projected onto the ε-ball around ``x`` and clamped to [0, 1].
+
+    ℓ2: δ ← δ + α·g/‖g‖₂ then scale back into the ball; ℓ∞: δ ← δ + α·sign(g) then clip.
+    """
+    if norm == "l2":
+        grad_norms = grad.flatten(1).norm(p=2, dim=1) + GRAD_NORM_FLOOR
+        adv = adv + per_image(alpha) * (grad / per_image(grad_norms))
+        delta = project_l2(adv - x, eps)
+    elif norm == "linf":
+        adv = adv + per_image(alpha) * grad.sign()
+        delta = project_linf(adv - x, eps)
+    else:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    return torch.clamp(x + delta, 0.0, 1.0)
+
+
+def trial_seed(key: int, trial: int) -> int:
+    """A 63-bit seed for one image's random start in one bisection trial.
+
+    Derived from (image key, trial) alone -- not from a shared RNG stream -- so
+    an image gets the same start whatever batch or chunk it is processed in.
+    """
+    digest = hashlib.sha256(f"advalign-pgd-start:{int(key)}:{int(trial)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def image_key(seed: int, attack: str, index: int) -> int:
+    """The key an image's random starts derive from: (config seed, attack, stimulus index)."""
+    digest = hashlib.sha256(f"advalign-image:{int(seed)}:{attack}:{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def random_start(x: torch.Tensor, eps: np.ndarray, norm: str, keys: np.ndarray, trial: int) -> torch.Tensor:
+    """Per-image random δ in the ε-ball (ℓ2: random direction, radius U(0,1)·ε; ℓ∞: U(−ε, ε)),
+    with x + δ clamped to [0, 1]. Drawn on the CPU so every device sees the same numbers."""
+    shape = x.shape[1:]
+    deltas = []
+    for key, radius in zip(keys, eps):
+        generator = torch.Generator().manual_seed(trial_seed(key, trial))
+        if norm == "l2":
+            direction = torch.randn(shape, generator=generator)
+            scale = torch.rand((), generator=generator) * float(radius)
+            deltas.append(direction / direction.norm().clamp_min(1e-12) * scale)
+        else:
+            deltas.append((torch.rand(shape, generator=generator) * 2 - 1) * float(radius))
+    delta = torch.stack(deltas).to(device=x.device, dtype=x.dtype)
+    return torch.clamp(x + delta, 0.0, 1.0) - x
+
+
+def pgd_attack(
+    fn: AttackedFunction,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: np.ndarray,
+    config: PGDConfig,
+    *,
+    clean_grad: torch.Tensor | None = None,
+    start: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """PGD at a per-image ε over one batch -> (x_adv, prediction on x_adv, grad evals per image).
+
+    Without a random start every attack's first step is taken at x itself, so
+    ``clean_grad`` (∇ₓ at x, computed once per image) replaces that pass.
+    """
+    eps_t = torch.as_tensor(np.asarray(eps, dtype=np.float64), dtype=torch.float32, device=x.device)
+    alpha_t = torch.as_tensor(config.step_size(eps), dtype=torch.float32, device=x.device)
+    adv = x if start is None else torch.clamp(x + start, 0.0, 1.0)
+    grad_evals = 0
+    for step in range(config.steps):
+        if step == 0 and start is None and clean_grad is not None:
+            grad = clean_grad
+        else:
+            grad = fn.loss_gradient(adv, y)
+            grad_evals += 1
+        adv = pgd_step(adv, x, grad, eps_t, alpha_t, config.norm)
+    return adv, fn.predict(adv), grad_evals
+
+
+def _broadcast(value, n: int, name: str) -> np.ndarray:
+    array = np.broadcast_to(np.asarray(value, dtype=np.float64), (n,)).copy()
+    if not np.all(np.isfinite(array)):
+        raise PipelineError(f"{name} must be finite")
+    return array
+
+
+def minimal_epsilon_search(
+    fn: AttackedFunction,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: PGDConfig,
+    *,
+    batch_size: int = 128,
+    lower=None,
+    upper=None,
+    threshold=None,
+    keys=None,
+    progress: bool = False,
+) -> AttackResult:
+    """Smallest ε at which PGD changes the prediction, per image, for a batch.
+
+    x: float [N, 3, H, W] in [0, 1] on ``fn.device``; y: int64 [N] (the labels,
+    which the caller has checked the model predicts correctly). ``lower``,
+    ``upper`` and ``threshold`` default to the config's and may be per-image
+    arrays (``threshold`` is the absolute rule's; the relative rule uses
+    ``config.precision``). ``keys`` (default 0..N−1) seed each image's random starts.
+    """
+    n = len(x)
+    lo = _broadcast(config.eps_min if lower is None else lower, n, "lower bound")
+    hi = _broadcast(config.eps_max if upper is None else upper, n, "upper bound")
+    thr = _broadcast(config.threshold if threshold is None else threshold, n, "threshold")
+    if np.any(lo <= 0) or np.any(hi <= lo) or np.any(thr <= 0):
+        raise PipelineError("minimal-ε search needs 0 < lower < upper and threshold > 0 for every image")
+    keys = np.arange(n) if keys is None else np.asarray(keys)
+    y = y.to(x.device)
+
+    grad_evals = np.zeros(n, dtype=np.int64)
+    trials = np.zeros(n, dtype=np.int64)
+    best = torch.zeros_like(x)
+    adv_pred = np.full(n, -1, dtype=np.int64)
+
+    clean_grad = None
+    if not config.random_start and n:
+        clean_grad = torch.cat([fn.loss_gradient(x[b], y[b]) for b in batches(np.arange(n), batch_size)])
+        grad_evals += 1
+
+    def attack(indices: np.ndarray, eps: np.ndarray, trial: int) -> np.ndarray:
+        """Attack ``indices`` at ``eps``; keep the fooling examples; return which were fooled."""
+        fooled_all = []
+        for part in batches(np.arange(len(indices)), batch_size):
+            idx = torch.as_tensor(indices[part], device=x.device)
+            xb, yb = x[idx], y[idx]
+            start = (
+                random_start(xb, eps[part], config.norm, keys[indices[part]], trial) if config.random_start else None
+            )
+            adv, pred, evals = pgd_attack(
+                fn, xb, yb, eps[part], config,
+                clean_grad=None if clean_grad is None else clean_grad[idx], start=start,
+            )  # fmt: skip
+            fooled = pred != yb
+            best[idx] = torch.where(per_image(fooled), adv - xb, best[idx])
+            fooled_np = fooled.cpu().numpy()
+            pred_np = pred.cpu().numpy()
+            rows = indices[part]
+            # The kept prediction is that of the kept example (or of the upper-bound try).
+            update = fooled_np | (trial == 0)
+            adv_pred[rows[update]] = pred_np[update]
+            grad_evals[rows] += evals
+            trials[rows] += 1
+            fooled_all.append(fooled_np)
+        return np.concatenate(fooled_all) if fooled_all else np.zeros(0, dtype=bool)
+
+    # Trial 0: the upper bound. Images it cannot fool are failures, decided now.
+    success = attack(np.arange(n), hi.copy(), trial=0) if n else np.zeros(0, dtype=bool)
+    floor = lo.copy()
+    active = success & config.open_brackets(lo, hi, thr)
+    bar = tqdm(total=config.max_trials(lo, hi, thr), desc="bisection", leave=False, file=sys.stderr,
+               disable=not progress)  # fmt: skip
+    trial = 1
+    while active.any():
+        indices = np.flatnonzero(active)
+        mid = config.midpoint(lo[indices], hi[indices])
+        fooled = attack(indices, mid, trial)
+        hi[indices[fooled]] = mid[fooled]
+        lo[indices[~fooled]] = mid[~fooled]
+        active[indices] = config.open_brackets(lo[indices], hi[indices], thr[indices])
+        trial += 1
+        bar.update(1)
+        bar.set_postfix(active=int(active.sum()))
+    # A bracket that closed on the lower bound without any trial failing says nothing about
+    # ε below it: one trial at the lower bound decides. Fooled there = censored (ε <= lower).
+    censored = np.zeros(n, dtype=bool)
+    unproven = np.flatnonzero(success & (lo == floor))
+    if len(unproven):
+        fooled = attack(unproven, floor[unproven].copy(), trial)
+        hi[unproven[fooled]] = floor[unproven[fooled]]
+        censored[unproven[fooled]] = True
+        bar.update(1)
+    bar.close()
+
+    return AttackResult(
+        success=success,
+        epsilon=np.where(success, hi, np.nan),
+        censored=censored,
+        lower=np.where(success & ~censored, lo, np.nan),
+        perturbation=best.float().cpu(),
+        adv_pred=adv_pred,
+        grad_evals=grad_evals,
+        trials=trials,
+    )
+
+
+def _pgd(norm: str) -> Attack:
+    return Attack(
+        name=f"pgd_{norm}",
+        norm=norm,
+        kind="minimal_epsilon",
+        title=r"$\ell_2$ PGD" if norm == "l2" else r"$\ell_\infty$ PGD",
+        reference="Madry et al. 2018 (PGD); minimal-ε search: the paper's Algorithm 1",
+        epsilon=f"smallest {norm} radius at which PGD fooled the model (an upper bound where censored)",
+        make_config=lambda block: PGDConfig.from_spec(norm, block),
+        run=lambda fn, x, y, config, *, batch_size, keys, progress=False: minimal_epsilon_search(
+            fn, x, y, config, batch_size=batch_size, keys=keys, progress=progress
+        ),
+        schema={"$ref": f"#/$defs/pgd_{norm}"},
+        position=NORMS.index(norm),
+    )
+
+
+for _norm in NORMS:
+    register_attack(_pgd(_norm))
