@@ -22,11 +22,13 @@ numbers as one image at a time, up to floating-point reordering.
 from __future__ import annotations
 
 import hashlib
+import math
 import sys
 from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..config import schema_defaults
@@ -35,6 +37,7 @@ from .function import AttackedFunction, batches, per_image
 from .registry import NORMS, Attack, AttackResult, register_attack
 
 STOP_RULES = ("relative", "absolute")
+BRACKETS = ("full", "linearised")
 # Added to ‖g‖₂ before dividing, as torchattacks does, so a zero gradient gives a zero step.
 GRAD_NORM_FLOOR = 1e-10
 # The schema's $defs/pgd defaults, and each norm's own attack block defaults on top (ℓ∞: eps_max).
@@ -61,6 +64,7 @@ class PGDConfig:
     step_rule: str = _SHARED["step_rule"]  # relative: α = step_scale·ε/steps; fixed: α = step_scale
     step_scale: float = _SHARED["step_scale"]
     random_start: bool = _SHARED["random_start"]
+    bracket: str = _SHARED["bracket"]  # full: Algorithm 1's [eps_min, eps_max]; linearised: from the clean margin
 
     def __post_init__(self):
         if self.norm not in NORMS:
@@ -77,6 +81,10 @@ class PGDConfig:
             raise PipelineError(f"PGD bounds need 0 < eps_min < eps_max, got {self.eps_min} and {self.eps_max}")
         if not self.threshold > 0 or self.steps < 1 or not self.step_scale > 0:
             raise PipelineError("PGD threshold and step_scale must be > 0 and steps >= 1")
+        if self.bracket not in BRACKETS:
+            raise PipelineError(f"PGD bracket {self.bracket!r} is not one of {', '.join(BRACKETS)}")
+        if self.bracket == "linearised" and self.stop != "relative":
+            raise PipelineError("PGD bracket 'linearised' needs stop 'relative' (the absolute rule is Algorithm 1's bisection)")
 
     @classmethod
     def from_spec(cls, norm: str, spec: dict) -> "PGDConfig":
@@ -88,6 +96,8 @@ class PGDConfig:
 
     def describe(self) -> str:
         """The search that produced a result, as recorded in the attack table's ``search`` column."""
+        if self.bracket == "linearised":
+            return f"linearised bracket, secant search to {self.precision:g} relative in [{self.eps_min:g}, {self.eps_max:g}]"
         rule = (f"geometric bisection to {self.precision:g} relative" if self.stop == "relative"
                 else f"bisection to {self.threshold:g} absolute")  # fmt: skip
         return f"{rule} in [{self.eps_min:g}, {self.eps_max:g}]"
@@ -197,8 +207,10 @@ def pgd_attack(
     *,
     clean_grad: torch.Tensor | None = None,
     start: torch.Tensor | None = None,
+    return_logits: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """PGD at a per-image ε over one batch -> (x_adv, prediction on x_adv, grad evals per image).
+    """PGD at a per-image ε over one batch -> (x_adv, prediction on x_adv, grad evals per image)
+    (the logits on x_adv instead of the prediction with ``return_logits``).
 
     Without a random start every attack's first step is taken at x itself, so
     ``clean_grad`` (∇ₓ at x, computed once per image) replaces that pass.
@@ -214,7 +226,30 @@ def pgd_attack(
             grad = fn.loss_gradient(adv, y)
             grad_evals += 1
         adv = pgd_step(adv, x, grad, eps_t, alpha_t, config.norm)
-    return adv, fn.predict(adv), grad_evals
+    with torch.no_grad():
+        logits = fn.logits(adv)
+    if return_logits:
+        return adv, logits, grad_evals
+    return adv, logits.argmax(dim=1), grad_evals
+
+
+def margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """z_y − max_{j≠y} z_j per image: > 0 while the label wins, < 0 once another class does."""
+    true = logits.gather(1, y[:, None])[:, 0]
+    best_other = logits.scatter(1, y[:, None], -math.inf).amax(dim=1)
+    return true - best_other
+
+
+def clean_gradients(fn: AttackedFunction, x: torch.Tensor, y: torch.Tensor):
+    """(∇ₓ CE, margin, ∇ₓ margin) at the clean images: one forward, two backward passes."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = fn.logits(x)
+        loss = F.cross_entropy(logits, y, reduction="sum")
+        margin = margins(logits, y)
+        (ce_grad,) = torch.autograd.grad(loss, x, retain_graph=True)
+        (margin_grad,) = torch.autograd.grad(margin.sum(), x)
+    return ce_grad, margin.detach(), margin_grad
 
 
 def _broadcast(value, n: int, name: str) -> np.ndarray:
@@ -245,6 +280,9 @@ def minimal_epsilon_search(
     arrays (``threshold`` is the absolute rule's; the relative rule uses
     ``config.precision``). ``keys`` (default 0..N−1) seed each image's random starts.
     """
+    if config.bracket == "linearised":
+        return _linearised_search(fn, x, y, config, batch_size=batch_size, lower=lower, upper=upper, keys=keys,
+                                  progress=progress)  # fmt: skip
     n = len(x)
     lo = _broadcast(config.eps_min if lower is None else lower, n, "lower bound")
     hi = _broadcast(config.eps_max if upper is None else upper, n, "upper bound")
@@ -318,6 +356,156 @@ def minimal_epsilon_search(
         bar.update(1)
     bar.close()
 
+    return AttackResult(
+        success=success,
+        epsilon=np.where(success, hi, np.nan),
+        censored=censored,
+        lower=np.where(success & ~censored, lo, np.nan),
+        perturbation=best.float().cpu(),
+        adv_pred=adv_pred,
+        grad_evals=grad_evals,
+        trials=trials,
+    )
+
+
+# The linearised search. First guess: FIRST_GUESS x the linearised distance, so that the first
+# trial usually fools. Extrapolated steps past a failure go at least GROWTH_MIN and at most
+# GROWTH_MAX times further; SHOOT (a fraction of the precision) places a secant trial just
+# past the estimated crossing, on the side that closes the bracket.
+FIRST_GUESS = 1.25
+GROWTH_MIN, GROWTH_MAX = 1.5, 8.0
+SHOOT = 0.45
+MAX_TRIALS = 60  # a safeguard only: geometric halving alone closes [1e-6, 10] to 1 % in 12 trials
+
+
+def _dual_norm(grad: torch.Tensor, norm: str) -> np.ndarray:
+    flat = grad.flatten(1).double()
+    return (flat.norm(p=2, dim=1) if norm == "l2" else flat.abs().sum(dim=1)).cpu().numpy()
+
+
+def _linearised_search(fn, x, y, config: PGDConfig, *, batch_size, lower, upper, keys, progress) -> AttackResult:
+    """Minimal-ε PGD whose bracket starts at the linearised distance to the decision boundary.
+
+    Per image: d = margin / ‖∇ₓ margin‖_* at the clean image (the dual norm: ℓ2 for ℓ2, ℓ1
+    for ℓ∞) is where a linear model would flip. Trials are the same 3-step PGD as
+    Algorithm 1's; each records the margin at its result. Until a trial fools, the next one
+    extrapolates the margin's line through (0, clean margin) and the last failure (at least
+    1.5x, at most 8x further, ending with a trial at the upper bound: not fooled there is a
+    failure). Until a trial fails, the next one interpolates towards 0 (ending with a trial at
+    the lower bound: fooled there is censored). With both, the next trial goes just past the
+    secant's crossing on the side that closes the bracket; when a trial does not halve the
+    bracket's log-width, the next is its geometric midpoint. It stops when
+    upper − lower <= precision·upper, and keeps the example of the smallest fooling ε.
+    """
+    n = len(x)
+    floor = _broadcast(config.eps_min if lower is None else lower, n, "lower bound")
+    ceil = _broadcast(config.eps_max if upper is None else upper, n, "upper bound")
+    if np.any(floor <= 0) or np.any(ceil <= floor):
+        raise PipelineError("minimal-ε search needs 0 < lower < upper for every image")
+    keys = np.arange(n) if keys is None else np.asarray(keys)
+    y = y.to(x.device)
+    p = config.precision
+
+    grad_evals = np.zeros(n, dtype=np.int64)
+    trials = np.zeros(n, dtype=np.int64)
+    best = torch.zeros_like(x)
+    adv_pred = np.full(n, -1, dtype=np.int64)
+    clean_margin = np.zeros(n)
+    guess = np.zeros(n)
+    clean_grad = torch.zeros_like(x) if not config.random_start else None
+    for part in batches(np.arange(n), batch_size):
+        idx = torch.as_tensor(part, device=x.device)
+        ce_grad, margin, margin_grad = clean_gradients(fn, x[idx], y[idx])
+        if clean_grad is not None:
+            clean_grad[idx] = ce_grad
+        clean_margin[part] = margin.double().cpu().numpy()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            guess[part] = clean_margin[part] / _dual_norm(margin_grad, config.norm)
+    grad_evals += 2  # one forward, two backward passes: counted as two
+    unusable = ~np.isfinite(guess) | (guess <= 0)
+    guess[unusable] = np.sqrt(floor * ceil)[unusable]
+
+    lo, hi = np.full(n, np.nan), np.full(n, np.nan)  # largest failing / smallest fooling ε so far
+    m_lo, m_hi = np.full(n, np.nan), np.full(n, np.nan)
+    success = np.zeros(n, dtype=bool)
+    censored = np.zeros(n, dtype=bool)
+    done = np.zeros(n, dtype=bool)
+    halve = np.zeros(n, dtype=bool)
+    width = np.full(n, np.inf)
+    eps = np.clip(guess * FIRST_GUESS, floor, ceil)
+
+    def attack(indices: np.ndarray, radius: np.ndarray, trial: int):
+        fooled_all, margin_all = [], []
+        for part in batches(np.arange(len(indices)), batch_size):
+            rows = indices[part]
+            idx = torch.as_tensor(rows, device=x.device)
+            xb, yb = x[idx], y[idx]
+            start = random_start(xb, radius[part], config.norm, keys[rows], trial) if config.random_start else None
+            adv, logits, evals = pgd_attack(
+                fn, xb, yb, radius[part], config,
+                clean_grad=None if clean_grad is None else clean_grad[idx], start=start, return_logits=True,
+            )  # fmt: skip
+            pred = logits.argmax(dim=1)
+            fooled = pred != yb
+            best[idx] = torch.where(per_image(fooled), adv - xb, best[idx])
+            fooled_np, pred_np = fooled.cpu().numpy(), pred.cpu().numpy()
+            # The kept prediction: of the kept example, or (none yet) of the latest trial.
+            update = fooled_np | ~success[rows]
+            adv_pred[rows[update]] = pred_np[update]
+            grad_evals[rows] += evals
+            trials[rows] += 1
+            fooled_all.append(fooled_np)
+            margin_all.append(margins(logits, yb).double().cpu().numpy())
+        return np.concatenate(fooled_all), np.concatenate(margin_all)
+
+    bar = tqdm(desc="linearised search", leave=False, file=sys.stderr, disable=not progress)
+    trial = 0
+    while not done.all():
+        indices = np.flatnonzero(~done)
+        radius = eps[indices]
+        fooled, margin = attack(indices, radius, trial)
+        won, lost = indices[fooled], indices[~fooled]
+        hi[won], m_hi[won], success[won] = radius[fooled], margin[fooled], True
+        lo[lost], m_lo[lost] = radius[~fooled], margin[~fooled]
+        censored[won[radius[fooled] <= floor[won]]] = True
+        failed = lost[(radius[~fooled] >= ceil[lost]) & ~success[lost]]
+        closed = success & np.isfinite(lo) & (hi - lo <= p * hi)
+        done |= censored | closed
+        done[failed] = True
+        trial += 1
+        bar.update(1)
+        if trial >= MAX_TRIALS:
+            break
+        # Next radius of every open image.
+        open_ = np.flatnonzero(~done)
+        if not len(open_):
+            break
+        new_width = np.log(hi[open_] / lo[open_])
+        halve[open_] = np.isfinite(new_width) & (new_width > 0.5 * width[open_])
+        width[open_] = np.where(np.isfinite(new_width), new_width, np.inf)
+        both = np.isfinite(lo[open_]) & success[open_]
+        only_lo = ~success[open_]
+        only_hi = success[open_] & ~np.isfinite(lo[open_])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            i = open_[only_lo]  # no fooling trial yet: extrapolate past the last failure
+            slope = (clean_margin[i] - m_lo[i]) / lo[i]
+            root = np.where(slope > 0, clean_margin[i] / slope, lo[i] * GROWTH_MAX)
+            eps[i] = np.minimum(np.clip(root * FIRST_GUESS, lo[i] * GROWTH_MIN, lo[i] * GROWTH_MAX), ceil[i])
+            i = open_[only_hi]  # no failing trial yet: interpolate towards 0
+            root = hi[i] * clean_margin[i] / (clean_margin[i] - m_hi[i])
+            root = np.where(np.isfinite(root) & (root > 0), root, hi[i] / GROWTH_MAX)
+            eps[i] = np.maximum(np.clip(root / (1 + SHOOT * p), hi[i] / GROWTH_MAX, hi[i] / (1 + p)), floor[i])
+            i = open_[both]  # a bracket: just past the secant's crossing
+            root = lo[i] + (hi[i] - lo[i]) * m_lo[i] / (m_lo[i] - m_hi[i])
+            root = np.where(np.isfinite(root), root, np.sqrt(lo[i] * hi[i]))
+            shoot = np.where(hi[i] / root > root / lo[i], root * (1 + SHOOT * p), root / (1 + SHOOT * p))
+            inner_lo, inner_hi = lo[i] * (1 + 0.1 * p), hi[i] / (1 + 0.1 * p)
+            shoot = np.clip(shoot, np.minimum(inner_lo, np.sqrt(lo[i] * hi[i])), np.maximum(inner_hi, np.sqrt(lo[i] * hi[i])))
+            eps[i] = np.where(halve[i], np.sqrt(lo[i] * hi[i]), shoot)
+    bar.close()
+    if not done.all():  # only past MAX_TRIALS: the open brackets are reported as they stand
+        open_ = ~done & success
+        censored[open_ & ~np.isfinite(lo)] = False
     return AttackResult(
         success=success,
         epsilon=np.where(success, hi, np.nan),

@@ -1,0 +1,158 @@
+"""The registries: a new attack costs one file plus its config block, a new figure one entry
+plus its caption, and the workflow plans them with nothing else touched.
+
+In a private copy of the repository, a toy attack file is dropped into
+``src/advalign/attacks/`` and a toy figure is registered in ``figure_registry.py``; an
+overlay config enables the attack. Snakemake then plans, in that copy, one attack job per
+model for the toy attack and one figure job, validates the toy block against the schema
+the attack declared, and the code fingerprint of the attack rule covers the new file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from advalign.attacks import attack_names, get_attack, registered_attacks
+from advalign.columns import ATTACK_COLUMNS
+from advalign.config import load_schema, validate_config
+from advalign.figure_registry import REPORT_DIR, figure_names, figures_of_kind
+from conftest import BIN, REPO, copy_repo
+
+TOY_ATTACK = '''"""A toy minimal-norm attack (registry test): the smallest step along the normalised clean
+gradient, on a geometric grid of radii, that changes the prediction."""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .function import per_image
+from .registry import Attack, AttackResult, register_attack
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    radii: int
+    largest: float
+
+    def describe(self) -> str:
+        return f"toy line search over {self.radii} radii up to {self.largest:g}"
+
+
+def run(fn, x, y, config, *, batch_size, keys, progress=False):
+    n = len(x)
+    grad = fn.loss_gradient(x, y)
+    direction = grad / per_image(grad.flatten(1).norm(dim=1).clamp_min(1e-12))
+    best = torch.zeros_like(x)
+    success = np.zeros(n, dtype=bool)
+    adv_pred = np.full(n, -1, dtype=np.int64)
+    for radius in np.geomspace(config.largest / 1000, config.largest, config.radii):
+        adv = (x + float(radius) * direction).clamp(0, 1)
+        pred = fn.predict(adv).cpu().numpy()
+        new = (pred != y.cpu().numpy()) & ~success
+        best[torch.as_tensor(new)] = (adv - x)[torch.as_tensor(new)]
+        adv_pred[new] = pred[new]
+        success |= new
+    l2 = best.flatten(1).double().norm(dim=1).cpu().numpy()
+    return AttackResult(success=success, epsilon=np.where(success, l2, np.nan), censored=np.zeros(n, dtype=bool),
+                        lower=np.full(n, np.nan), perturbation=best.float().cpu(), adv_pred=adv_pred,
+                        grad_evals=np.ones(n, dtype=np.int64), trials=np.full(n, config.radii, dtype=np.int64))
+
+
+register_attack(
+    Attack(
+        name="toy_l2",
+        norm="l2",
+        kind="minimal_norm",
+        title="toy",
+        reference="none: a registry test",
+        epsilon="l2 norm of the smallest fooling step along the gradient",
+        make_config=lambda block: ToyConfig(**block),
+        run=run,
+        schema={
+            "type": "object",
+            "additionalProperties": False,
+            "default": {},
+            "properties": {
+                "radii": {"type": "integer", "minimum": 2, "default": 12},
+                "largest": {"type": "number", "exclusiveMinimum": 0, "default": 4.0},
+            },
+        },
+        enabled_by_default=False,
+    )
+)
+'''
+
+TOY_FIGURE = '''
+
+register_figure(Figure("figToy", "scatter", "Toy: l2 vs l_inf PGD tolerance",
+                       ScatterSpec(Axis("pgd_l2", "tolerance", "tolerance_se", "l2 tolerance"),
+                                   Axis("pgd_linf", "tolerance", "tolerance_se", "l_inf tolerance"),
+                                   "both", "plotted")))
+'''
+
+PLAN = """
+import json, sys
+sys.path.insert(0, "tests")
+from planned_params import planned_params
+jobs = {rule: planned_params(rule, ["config/config.yaml", "toy.yaml"], ["all"])
+        for rule in ("attack", "figure_figToy")}
+print(json.dumps({rule: sorted(found) for rule, found in jobs.items()}))
+print(json.dumps(jobs["attack"]["attack=toy_l2,model=resnet_demo"], default=str))
+"""
+
+
+def test_the_paper_attacks_and_figures_come_from_the_registries():
+    assert attack_names() == ("pgd_l2", "pgd_linf", "cw_l2")
+    assert [a.tolerance_column for a in registered_attacks()] == ["l2", "linf", "l2"]
+    assert [a.kind for a in registered_attacks()] == ["minimal_epsilon", "minimal_epsilon", "minimal_norm"]
+    schema = load_schema()["properties"]["attacks"]["properties"]
+    assert schema["enabled"]["items"]["enum"] == list(attack_names())
+    # Defaults live in the schema only: an empty block gives the attack's own config defaults.
+    config = validate_config({"data": {"kind": "synthetic"}, "zoo": {"table": "x.csv"}})
+    assert get_attack("pgd_linf").config(config["attacks"]["pgd_linf"]) == get_attack("pgd_linf").config({})
+    assert get_attack("pgd_linf").config({}).eps_max == 1.0 and get_attack("pgd_l2").config({}).eps_max == 10.0
+    assert figure_names() == ("fig2", "fig3", "fig4", "fig5", "figS1", "figS2", "figS3", "figS4", "figS5")
+    for figure in figures_of_kind("scatter") + figures_of_kind("qualitative"):
+        assert (REPO / figure.caption).is_file(), figure.caption
+        assert set(figure.attacks) <= set(attack_names())
+    assert "attack" in ATTACK_COLUMNS
+
+
+@pytest.mark.slow
+def test_a_new_attack_and_a_new_figure_cost_one_file_each_plus_config(tmp_path):
+    work = copy_repo(tmp_path / "repo")
+    (work / "src/advalign/attacks/toy_l2.py").write_text(TOY_ATTACK)
+    with open(work / "src/advalign/figure_registry.py", "a") as fh:
+        fh.write(TOY_FIGURE)
+    (work / REPORT_DIR / "figToy.rst").write_text("A toy scatter of the two PGD tolerances.\n")
+    (work / "toy.yaml").write_text(json.dumps({"attacks": {"enabled": ["pgd_l2", "pgd_linf", "cw_l2", "toy_l2"],
+                                                          "toy_l2": {"radii": 6}}}))  # fmt: skip
+    # The copy's own package, not the installed one.
+    env = {**os.environ, "PYTHONPATH": str(work / "src")}
+    proc = subprocess.run([sys.executable, "-c", PLAN], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    planned, toy_job = (json.loads(line) for line in proc.stdout.strip().splitlines()[-2:])
+    models = [line.split(",")[0] for line in (work / "config/zoo_demo.csv").read_text().splitlines()[1:]
+              if line and not line.startswith("#")]  # fmt: skip
+    toy_jobs = [j for j in planned["attack"] if j.startswith("attack=toy_l2,")]
+    assert len(toy_jobs) >= len(models) > 0  # every base model (and the derived ones) is attacked
+    assert planned["figure_figToy"] == [""]
+    assert toy_job["job"]["spec"] == {"radii": 6, "largest": 4.0}  # the attack's schema filled the default
+    # The attack rule's code fingerprint covers the new file (editing it reruns the attacks).
+    from advalign.provenance import package_modules
+
+    modules = package_modules(work / "workflow/scripts/attack.py", work / "src/advalign")
+    assert "advalign.attacks.toy_l2" in modules
+
+    # The toy block is validated against the schema the attack declared, while planning.
+    (work / "toy.yaml").write_text(json.dumps({"attacks": {"enabled": ["toy_l2"], "toy_l2": {"radii": 1}}}))
+    bad = subprocess.run([str(BIN / "snakemake"), "-n", "--configfile", "config/config.yaml", "toy.yaml"], cwd=work,
+                         env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert bad.returncode != 0
+    assert "attacks.toy_l2.radii: 1 is less than the minimum of 2" in bad.stdout + bad.stderr
