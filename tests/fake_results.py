@@ -173,6 +173,13 @@ def write_fake_results(root, n_images: int = 40, image_size: int = 16, cw_images
             np.savez_compressed(npz, image_ids=np.array(ids[:n]), perturbations=delta.astype(np.float16),
                                 images=images[:n], maps=maps[:n], success=success)
             example_paths.append(str(npz))
+            if attack == "pgd_l2" and model in cw_models:
+                # A minimal-norm reference (FMN) on the CW subset: 10 % smaller radii, no random draws.
+                fmn = table.assign(attack="fmn_l2", l2=table["l2"] * 0.9, epsilon=table["l2"] * 0.9)
+                fmn_out = root / "results" / "attacks" / "fmn_l2" / f"{model}.parquet"
+                fmn_out.parent.mkdir(parents=True, exist_ok=True)
+                fmn.to_parquet(fmn_out, index=False)
+                attack_paths.append(str(fmn_out))
     return {
         "zoo_rows": rows,
         "attack_paths": attack_paths,

@@ -73,12 +73,13 @@ def _relative_difference(a, b):
 @pytest.mark.parametrize(
     "config",
     [
-        PGDConfig(norm="l2"),  # relative step 2.5·ε/3, relative 1 % stop: the defaults
+        # The per-image loop bisects as Algorithm 1 does: the batched full-range search must match it.
+        PGDConfig(norm="l2", bracket="full"),  # relative step 2.5·ε/3, relative 1 % stop
         PGDConfig(norm="l2", stop="absolute", eps_min=0.001, threshold=0.001),  # the paper's Algorithm 1
-        PGDConfig(norm="l2", step_rule="fixed", step_scale=0.5, eps_max=5.0),  # the original code's fixed α
+        PGDConfig(norm="l2", step_rule="fixed", step_scale=0.5, eps_max=5.0, bracket="full"),  # the original fixed α
         PGDConfig(norm="linf", eps_min=1e-4, eps_max=1.0, stop="absolute", threshold=1e-4),
-        PGDConfig(norm="linf", eps_max=1.0),
-        PGDConfig(norm="l2", eps_min=1.2),  # a lower bound above some images' ε: censored ones
+        PGDConfig(norm="linf", eps_max=1.0, bracket="full"),
+        PGDConfig(norm="l2", eps_min=1.2, bracket="full"),  # a lower bound above some images' ε: censored ones
     ],
     ids=["l2-relative", "l2-absolute", "l2-fixed", "linf-absolute", "linf-relative", "l2-censoring"],
 )
@@ -111,7 +112,7 @@ def test_batched_search_matches_per_image_torchattacks_loop(model, fn, correct_i
 
 def test_results_do_not_depend_on_batch_size_or_random_start_stream(fn, correct_images):
     x, y = correct_images
-    config = PGDConfig(norm="l2", random_start=True)
+    config = PGDConfig(norm="l2", random_start=True, bracket="full")
     keys = np.arange(100, 100 + len(x))
     whole = minimal_epsilon_search(fn, x, y, config, batch_size=len(x), keys=keys)
     single = minimal_epsilon_search(fn, x, y, config, batch_size=1, keys=keys)
@@ -289,6 +290,52 @@ def test_job_writes_the_contracts_and_leaves_misclassified_images_untouched(job_
     assert list(examples["image_ids"]) == list(table["image_id"][:5])
     assert (examples["perturbations"][2] == 0).all() and not examples["success"][2]
     assert not chunk_dir_for(job_files / "pgd_l2.parquet").exists()  # removed on success
+
+
+class _SmallMemory(torch.nn.Module):
+    """A model that runs out of memory above ``limit`` images per call, as a small GPU would."""
+
+    def __init__(self, model, limit: int):
+        super().__init__()
+        self.model, self.limit, self.calls = model, limit, []
+
+    def forward(self, x):
+        self.calls.append(len(x))
+        if len(x) > self.limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated: {len(x)} > {self.limit} images)")
+        return self.model(x)
+
+
+def test_out_of_memory_halves_the_batch_and_changes_no_result(job_files, tmp_path, caplog):
+    reference, _ = _run(job_files, _job(batch_size=4), "fits")
+    small = {}
+
+    def loader(weights_path, row, device):
+        model, meta = load_attacked_model(weights_path, row, device)
+        small["model"] = _SmallMemory(model, limit=4)
+        return small["model"], meta
+
+    table = tmp_path / "halved.parquet"
+    with caplog.at_level("WARNING"):
+        run_attack_job(_job(batch_size=16), job_files / "stimuli.npz", job_files / "weights.pt", table,
+                       tmp_path / "halved.npz", model_loader=loader, progress=False)  # fmt: skip
+    halved = pd.read_parquet(table)
+    pd.testing.assert_frame_equal(halved, reference, rtol=1e-6)
+    assert "retrying stimuli 0-10 at batch size 8" in caplog.text
+    assert "retrying stimuli 0-10 at batch size 4" in caplog.text
+    assert caplog.text.count("retrying") == 2  # later chunks start at the size that fitted
+    assert max(small["model"].calls) == 10 and small["model"].calls.count(10) == 1  # one failed try at 16 -> 10 images
+    never = {}
+
+    def hopeless(weights_path, row, device):
+        model, meta = load_attacked_model(weights_path, row, device)
+        never["model"] = _SmallMemory(model, limit=0)
+        return never["model"], meta
+
+    with pytest.raises(PipelineError, match="out of memory on cpu even at batch size 1"):
+        run_attack_job(_job(batch_size=16), job_files / "stimuli.npz", job_files / "weights.pt",
+                       tmp_path / "never.parquet", tmp_path / "never.npz", model_loader=hopeless, progress=False)  # fmt: skip
+    assert not (tmp_path / "never.parquet").exists()
 
 
 def test_job_transforms_images_and_maps_together(tmp_path):

@@ -181,3 +181,12 @@ def test_a_zoo_without_vits_gets_a_notice_for_the_vit_figures(fake, tmp_path, ca
                        attack_paths=fake["pgd_tables"])  # fmt: skip
     assert png.stat().st_size > 0 and pdf.stat().st_size > 0
     assert "figS1: this zoo has no standard ViT with l2-PGD example perturbations (its standard models:" in caplog.text
+
+
+def test_the_minimal_norm_figure_says_how_to_enable_its_attack(fake, tmp_path, caplog):
+    png, pdf = tmp_path / "figM1.png", tmp_path / "figM1.pdf"
+    without = fake["table"][fake["table"]["attack"] != "fmn_l2"]
+    with caplog.at_level("WARNING"):
+        scatter_figure("figM1", without, {"dpi": 80}, png, pdf)
+    assert "fmn_l2 did not run: add fmn_l2 to attacks.enabled" in caplog.text
+    check_outputs(png, pdf, min_width=300, min_height=100)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import stats
 
-from advalign.metrics import adversarial_alignment, mean_and_se, perturbation_map, rowwise_spearman
+from advalign.metrics import adversarial_alignment, mean_and_se, optimality, perturbation_map, rowwise_spearman
 
 
 def _scipy_alignment(perturbation_nchw: np.ndarray, maps: np.ndarray) -> np.ndarray:
@@ -91,3 +91,14 @@ def test_mean_and_se():
     assert mean_and_se([])[2] == 0 and math.isnan(mean_and_se([])[0])
     m1, se1, n1 = mean_and_se([3.0])
     assert (m1, n1) == (3.0, 1) and math.isnan(se1)
+
+
+def test_optimality_is_attackbenchs_area_ratio():
+    best = np.array([1.0, 2.0, 0.5, np.inf])  # the last image: nobody fools it
+    scores, m = optimality({"best": best, "double": best * 2, "never": np.full(4, np.inf)}, max_distance=4.0)
+    assert m == 4.0
+    # Areas over [0, 4]: best (1 + 2 + 0.5 + 4)/4 = 1.875, double (2 + 4 + 1 + 4)/4 = 2.75, never 4.
+    assert scores["best"] == 1.0 and scores["never"] == pytest.approx(0.0)
+    assert scores["double"] == pytest.approx(1 - (2.75 - 1.875) / (4 - 1.875))
+    default, m = optimality({"a": np.array([1.0, 3.0]), "b": np.array([2.0, np.inf])})
+    assert m == 3.0 and default["a"] == 1.0

@@ -162,7 +162,7 @@ def test_default_tolerances_lie_within_one_percent_of_a_fine_reference(real_run,
         fn, x, y, ids = attacked_images[name]
         table = _attack_table(real_run, attack, name).set_index("image_id").loc[ids]
         assert table["success"].all() and not table["censored"].any()
-        assert table["search"].iloc[0] == "geometric bisection to 0.01 relative in [1e-06, " + (
+        assert table["search"].iloc[0] == "linearised bracket, secant search to 0.01 relative in [1e-06, " + (
             "10]" if norm == "l2" else "1]")
         default = minimal_epsilon_search(fn, x, y, PGDConfig(norm=norm, **spec), batch_size=8)
         # The job's numbers again (here on 2 threads, the job's on 1: equal up to rounding).

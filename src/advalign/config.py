@@ -115,11 +115,18 @@ def _check_cross_references(config: dict, source: str) -> None:
         kind = row["training"]
         if kind == "robust" and "robust_eps" not in row:
             raise PipelineError(f"{source}: zoo.derived[{i}] ({row['model']}): robust models need robust_eps")
-    from .attacks import attack_names
+    from .attacks import attack_names, get_attack
 
     attacks = config["attacks"]
     for attack in attack_names():
         _check_attack_spec(attacks.get(attack, {}), attack, f"{source}: attacks.{attack}")
+    for attack in attacks["enabled"]:
+        available = get_attack(attack).check_available
+        if available is not None:
+            try:
+                available()
+            except PipelineError as exc:
+                raise PipelineError(f"{source}: attacks.enabled: {attack}: {exc}") from None
     for model, blocks in attacks["overrides"].items():
         for attack, override in blocks.items():
             merged = {**attacks[attack], **override}

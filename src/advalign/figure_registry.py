@@ -154,3 +154,11 @@ _scatter(
     Axis("cw_l2", "alignment", "alignment_se", r"$\ell_2$ CW alignment (Spearman $\rho_s$)"),
     "both", "plotted", identity=True,
 )  # fmt: skip
+# Beyond the paper: its tolerance against a minimal-norm attack's (adv_lib FMN, attacks.fmn_l2;
+# not enabled by default, and the figure says so until it is).
+_scatter(
+    "figM1", r"Minimal-norm check: FMN vs 3-step PGD $\ell_2$ tolerance",
+    Axis("pgd_l2", "tolerance", "tolerance_se", r"$\ell_2$-PGD tolerance (mean $\ell_2$, pixels in [0, 1])"),
+    Axis("fmn_l2", "tolerance", "tolerance_se", r"FMN $\ell_2$ tolerance (mean $\ell_2$, pixels in [0, 1])"),
+    "both", "plotted", identity=True,
+)  # fmt: skip

@@ -195,6 +195,9 @@ def scatter_figure(fig: str, table: pd.DataFrame, style: dict, png, pdf) -> None
     data = scatter_data(spec, table)
     if data.empty:
         reason = f"no model has both {spec.x.attack} {spec.x.value} and {spec.y.attack} {spec.y.value}"
+        absent = [a for a in figure.attacks if not (table["attack"] == a).any()]
+        if absent:
+            reason += f" ({', '.join(absent)} did not run: add {' and '.join(absent)} to attacks.enabled)"
         notice_figure(fig, title, reason, style, png, pdf)
         return
 

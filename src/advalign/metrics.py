@@ -112,3 +112,28 @@ def mean_and_se(values) -> tuple[float, float, int]:
     mean = float(array.mean())
     se = float(array.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
     return mean, se, n
+
+
+def optimality(distances: dict, max_distance: float | None = None) -> tuple[dict, float]:
+    """AttackBench's optimality score (Cinà et al. 2024) of each attack, and the max distance used.
+
+    ``distances``: attack -> float [N] distance of the example each attack found per image
+    (inf where it found none; 0 for an image misclassified already). A* is the area under the
+    robust-accuracy-vs-distance curve of the per-image best over all attacks, A an attack's
+    own; over [0, M] that area is mean(min(d, M)). Optimality = 1 − (A − A*)/(clean_acc·M − A*):
+    1 for an attack that is best on every image, 0 for one that never fools. M defaults to
+    the largest finite distance any attack found.
+    """
+    stacked = np.stack([np.asarray(d, dtype=np.float64) for d in distances.values()])
+    if max_distance is None:
+        finite = stacked[np.isfinite(stacked)]
+        max_distance = float(finite.max()) if finite.size else 1.0
+    best = stacked.min(axis=0)
+    area = lambda d: float(np.minimum(d, max_distance).mean())  # noqa: E731
+    best_area = area(best)
+    clean = float((best > 0).mean())  # images correct before any attack
+    span = clean * max_distance - best_area
+    scores = {}
+    for name, d in distances.items():
+        scores[name] = 1.0 if span <= 0 else 1.0 - (area(np.asarray(d, dtype=np.float64)) - best_area) / span
+    return scores, max_distance

@@ -197,6 +197,34 @@ def _attack_chunk(fn, attack, config, stimuli, data_config, start, stop, job, pr
     return chunk
 
 
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _attack_chunk_fitting(fn, attack, config, stimuli, data_config, start, stop, job, progress):
+    """``_attack_chunk``, halving the batch on out-of-memory until it fits: -> (chunk, batch size).
+
+    Each image's result depends on that image alone, so a smaller batch changes nothing but
+    floating-point reordering; the job's hash (and so resuming) keeps the configured size.
+    The batch size that fitted is kept for the job's remaining chunks.
+    """
+    batch_size = int(job["batch_size"])
+    while True:
+        try:
+            return _attack_chunk(fn, attack, config, stimuli, data_config, start, stop,
+                                 {**job, "batch_size": batch_size}, progress), batch_size  # fmt: skip
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not _is_out_of_memory(exc) or batch_size == 1:
+                if _is_out_of_memory(exc):
+                    raise PipelineError(f"{attack.name}: out of memory on {fn.device} even at batch size 1") from None
+                raise
+            if fn.device.type == "cuda":
+                torch.cuda.empty_cache()
+            batch_size = max(1, batch_size // 2)
+            log.warning("%s: out of memory on %s; retrying stimuli %d-%d at batch size %d",
+                        attack.name, fn.device, start, stop, batch_size)  # fmt: skip
+
+
 def _checked_logits(fn, x, max_label: int) -> torch.Tensor:
     with torch.no_grad():
         logits = fn.logits(x)
@@ -261,11 +289,13 @@ def run_attack_job(
     )
 
     chunks, resumed = [], 0
+    batch_size = job["batch_size"]
     bar = tqdm(total=len(bounds), desc=f"{attack.name} {row['model']}", file=sys.stderr, disable=not progress)
     for number, (start, stop) in enumerate(bounds):
         chunk = store.load(number, start, stop)
         if chunk is None:
-            chunk = _attack_chunk(fn, attack, config, stimuli, data_config, start, stop, job, progress)
+            chunk, batch_size = _attack_chunk_fitting(fn, attack, config, stimuli, data_config, start, stop,
+                                                      {**job, "batch_size": batch_size}, progress)  # fmt: skip
             store.save(number, start, stop, chunk)
         else:
             resumed += 1

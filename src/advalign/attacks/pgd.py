@@ -37,7 +37,7 @@ from .function import AttackedFunction, batches, per_image
 from .registry import NORMS, Attack, AttackResult, register_attack
 
 STOP_RULES = ("relative", "absolute")
-BRACKETS = ("full", "linearised")
+BRACKETS = ("auto", "full", "linearised")
 # Added to ‖g‖₂ before dividing, as torchattacks does, so a zero gradient gives a zero step.
 GRAD_NORM_FLOOR = 1e-10
 # The schema's $defs/pgd defaults, and each norm's own attack block defaults on top (ℓ∞: eps_max).
@@ -64,7 +64,9 @@ class PGDConfig:
     step_rule: str = _SHARED["step_rule"]  # relative: α = step_scale·ε/steps; fixed: α = step_scale
     step_scale: float = _SHARED["step_scale"]
     random_start: bool = _SHARED["random_start"]
-    bracket: str = _SHARED["bracket"]  # full: Algorithm 1's [eps_min, eps_max]; linearised: from the clean margin
+    # full: Algorithm 1's [eps_min, eps_max]; linearised: from the clean margin; auto: linearised
+    # with the relative stop, full with the absolute one.
+    bracket: str = _SHARED["bracket"]
 
     def __post_init__(self):
         if self.norm not in NORMS:
@@ -83,6 +85,8 @@ class PGDConfig:
             raise PipelineError("PGD threshold and step_scale must be > 0 and steps >= 1")
         if self.bracket not in BRACKETS:
             raise PipelineError(f"PGD bracket {self.bracket!r} is not one of {', '.join(BRACKETS)}")
+        if self.bracket == "auto":  # the linearised search where it applies; Algorithm 1's for the paper's rule
+            object.__setattr__(self, "bracket", "linearised" if self.stop == "relative" else "full")
         if self.bracket == "linearised" and self.stop != "relative":
             raise PipelineError("PGD bracket 'linearised' needs stop 'relative' (the absolute rule is Algorithm 1's bisection)")
 

@@ -63,6 +63,9 @@ class Attack:
     n_images: Callable[[dict], int] | None = None
     enabled_by_default: bool = True
     position: int = 100  # where it comes in tables and figures (the paper's attacks: 0, 1, 2)
+    # Called while planning when the attack is enabled: raises PipelineError if it cannot run here
+    # (e.g. an optional library is missing).
+    check_available: Callable[[], Any] | None = None
 
     def __post_init__(self):
         if self.norm not in NORMS:

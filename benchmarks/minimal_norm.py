@@ -1,0 +1,151 @@
+"""Every ℓ2 search variant and the minimal-norm references, side by side on one real model.
+
+    .venv/bin/python benchmarks/minimal_norm.py --zoo-row efficientnet_lite0          # CPU, 12 images
+    .venv/bin/python benchmarks/minimal_norm.py --zoo-row efficientnet_lite0 --device cuda --images 12
+
+Images: the photographs of config/photos_real.csv and their mirror images, through the
+pipeline's ClickMe preprocessing and the model's own data config (224-260 px for the
+EfficientNet-Lite rows); each image's label is the model's own top-1, so every image is
+attacked. For each search (the paper's 3-step ℓ2 PGD with the full-range bisection to 1 %,
+the linearised bracket to 1 %, the paper's absolute rule, and a fine full-range reference
+with absolute threshold 1e-6) and for each adv_lib reference (FMN, DDN, ALMA, minimal APGD,
+with the pipeline's defaults of advalign.attacks.references), it prints: forward+backward
+passes per image, images/s, success rate, median ℓ2 of the examples found, the worst ε error
+against the fine reference (searches only: same trial, so the same quantity), and
+AttackBench's optimality score over all of them (advalign.metrics.optimality; distances are
+the ℓ2 norms of the examples found, inf where none; M = the largest distance any found).
+For the linearised search it also prints the share of images whose ε lies within 1 % of the
+full-range search's, and lists the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from attack_speed import MIN_FOOLED, real_model, synchronize  # noqa: E402
+
+from advalign.attacks import AttackedFunction, PGDConfig, get_attack, minimal_epsilon_search  # noqa: E402
+from advalign.attacks.references import REFERENCES  # noqa: E402
+from advalign.config import schema_defaults  # noqa: E402
+from advalign.metrics import optimality  # noqa: E402
+
+FINE_THRESHOLD = 1e-6
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--zoo", type=Path, default=REPO / "config" / "zoo_real.csv")
+    parser.add_argument("--zoo-row", default="efficientnet_lite0")
+    parser.add_argument("--weights", type=Path, default=None)
+    parser.add_argument("--photos", type=Path, default=REPO / "config" / "photos_real.csv")
+    parser.add_argument("--images", type=int, default=12, help="at most 2 x the photos (mirrored)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--references", default=",".join(REFERENCES), help="comma-separated; '' for none")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    model, x, what = real_model(args, device)
+    fn = AttackedFunction(model, device, args.precision)
+    x = x.to(device)
+    with torch.no_grad():
+        y = fn.predict(x)
+
+    pgd = schema_defaults("pgd_l2")
+    searches = {
+        "full-range 1 %": PGDConfig(norm="l2", **{**pgd, "bracket": "full"}),
+        "linearised 1 %": PGDConfig(norm="l2", **{**pgd, "bracket": "linearised"}),
+        "paper rule": PGDConfig(norm="l2", **{**pgd, "bracket": "full", "stop": "absolute", "eps_min": 0.001}),
+        "fine reference": PGDConfig(norm="l2", **{**pgd, "bracket": "full", "stop": "absolute",
+                                                  "eps_min": 1e-7, "threshold": FINE_THRESHOLD}),
+    }  # fmt: skip
+    warm = PGDConfig(norm="l2", eps_max=1.0, stop="absolute", threshold=0.5)
+    minimal_epsilon_search(fn, x[:2], y[:2], warm, batch_size=2)
+
+    def timed(function, name=""):
+        print(f"[minimal_norm] {name} ...", file=sys.stderr, flush=True)
+        synchronize(device)
+        started = time.perf_counter()
+        out = function()
+        synchronize(device)
+        return out, time.perf_counter() - started
+
+    results = {}
+    for name, config in searches.items():
+        results[name] = (*timed(lambda c=config: minimal_epsilon_search(fn, x, y, c, batch_size=args.batch_size),
+                                name), config.describe())  # fmt: skip
+    for name in filter(None, args.references.split(",")):
+        attack = get_attack(name)
+        config = attack.config(schema_defaults_for(attack))
+        run = lambda a=attack, c=config: a.run(fn, x, y, c, batch_size=args.batch_size, keys=np.arange(len(x)))  # noqa: E731
+        results[name] = (*timed(run, name), config.describe())
+
+    fine = results["fine reference"][0]
+    distances = {}
+    for name, (result, _, _) in results.items():
+        l2 = result.perturbation.flatten(1).double().norm(dim=1).numpy()
+        distances[name] = np.where(result.success, l2, np.inf)
+    scores, max_distance = optimality(distances)
+
+    where = f"{device.type}" + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else f" ({args.threads} thread(s))")
+    print(f"device  : {where}, precision {fn.precision}")
+    print(f"model   : {what}")
+    print(f"images  : {len(x)} (labels = the model's own top-1, all attacked); distances: l2 in [0, 1] pixel units; "
+          f"optimality over [0, {max_distance:.4g}]")  # fmt: skip
+    numbers = {"device": where, "model": what, "images": len(x), "max_distance": max_distance, "rows": {}}
+    header = f"{'attack':<16} {'passes/img':>10} {'img/s':>8} {'success':>8} {'median l2':>10} {'worst eps err':>13} {'optimality':>10}"
+    print(header)
+    for name, (result, seconds, describe) in results.items():
+        found = distances[name][np.isfinite(distances[name])]
+        is_search = name in searches
+        both = result.success & fine.success & ~result.censored & ~fine.censored
+        error = float(np.max(np.abs(result.epsilon[both] / fine.epsilon[both] - 1), initial=0.0)) if is_search else None
+        row = {"describe": describe, "passes_per_image": float(result.grad_evals.mean()),
+               "images_per_s": len(x) / seconds, "success_rate": float(result.success.mean()),
+               "median_l2": float(np.median(found)) if found.size else None,
+               "worst_rel_eps_error_vs_fine": error, "optimality": scores[name],
+               "censored": int(result.censored.sum())}  # fmt: skip
+        numbers["rows"][name] = row
+        print(f"{name:<16} {row['passes_per_image']:>10.1f} {row['images_per_s']:>8.3f} {row['success_rate']:>8.0%} "
+              f"{row['median_l2'] if row['median_l2'] is not None else float('nan'):>10.4f} "
+              f"{'' if error is None else f'{error:.2%}':>13} {scores[name]:>10.3f}   {describe}")  # fmt: skip
+    full, lin = results["full-range 1 %"][0], results["linearised 1 %"][0]
+    both = full.success & lin.success & ~full.censored & ~lin.censored
+    ratio = lin.epsilon / full.epsilon
+    within = both & (np.abs(ratio - 1) <= 0.01)
+    print(f"linearised vs full-range: eps within 1 % on {int(within.sum())} of {int(both.sum())} images measured by both "
+          f"({within.sum() / max(both.sum(), 1):.1%}); success {int(lin.success.sum())} vs {int(full.success.sum())}")  # fmt: skip
+    others = [f"image {i}: {lin.epsilon[i]:.5g} vs {full.epsilon[i]:.5g}" for i in np.flatnonzero(both & ~within)]
+    if others:
+        print("  the others: " + "; ".join(others))
+    numbers["linearised_within_1pct"] = float(within.sum() / max(both.sum(), 1))
+    if full.success.mean() < MIN_FOOLED:
+        print(f"note: the full-range search fooled {full.success.mean():.0%} of the images (< {MIN_FOOLED:.0%})")
+    if args.json:
+        args.json.write_text(json.dumps(numbers, indent=2) + "\n")
+    return 0
+
+
+def schema_defaults_for(attack) -> dict:
+    """The attack's config block as the schema fills an empty one."""
+    from advalign.config import _fill_defaults, load_schema
+
+    schema = load_schema()
+    return _fill_defaults({}, schema["properties"]["attacks"]["properties"][attack.name], schema)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""The linearised search (same trial, fewer passes) and the adv_lib minimal-norm references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from attack_helpers import coloured_squares, to_tensor, trained_model
+
+from advalign.attacks import AttackedFunction, PGDConfig, get_attack, minimal_epsilon_search
+from advalign.attacks.pgd import margins, pgd_attack
+from advalign.attacks.references import REFERENCES
+from advalign.io import PipelineError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def fn():
+    return AttackedFunction(trained_model(), "cpu")
+
+
+@pytest.fixture(scope="module")
+def images(fn):
+    x, labels, _ = coloured_squares(64, seed=7)
+    x, y = to_tensor(x), torch.from_numpy(labels)
+    correct = (fn.predict(x) == y).numpy()
+    return x[correct][:32].contiguous(), y[correct][:32]
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_linearised_search_keeps_algorithm_1_and_spends_fewer_passes(fn, images, norm):
+    x, y = images
+    eps_max = 10.0 if norm == "l2" else 1.0
+    full = minimal_epsilon_search(fn, x, y, PGDConfig(norm=norm, eps_max=eps_max, bracket="full"))
+    lin = minimal_epsilon_search(fn, x, y, PGDConfig(norm=norm, eps_max=eps_max, bracket="linearised"))
+    assert lin.success.all() and full.success.all()
+    measured = lin.success & ~lin.censored
+    # Closed to the relative precision: a fooling trial at epsilon, a failing one within 1 % below it.
+    assert np.all(lin.epsilon[measured] - lin.lower[measured] <= 0.01 * lin.epsilon[measured] * (1 + 1e-9))
+    # The kept example is a PGD example at its epsilon: inside the ball, and it fools the model.
+    delta = lin.perturbation.flatten(1)
+    size = delta.norm(dim=1) if norm == "l2" else delta.abs().amax(dim=1)
+    assert np.all(size.numpy() <= lin.epsilon * (1 + 1e-5))
+    assert (fn.predict(x + lin.perturbation) != y).all()
+    # The bracket's two ends are what they say: rerun the same trial at each.
+    config = PGDConfig(norm=norm, eps_max=eps_max)
+    _, at_eps, _ = pgd_attack(fn, x, y, lin.epsilon, config, clean_grad=fn.loss_gradient(x, y))
+    _, at_lower, _ = pgd_attack(fn, x[measured], y[measured], lin.lower[measured], config,
+                                clean_grad=fn.loss_gradient(x[measured], y[measured]))  # fmt: skip
+    assert (at_eps != y).all() and (at_lower == y[measured]).all()
+    # Far fewer passes than the full-range search, at the same answer on these images.
+    assert lin.grad_evals.mean() <= 0.7 * full.grad_evals.mean()
+    agree = np.abs(lin.epsilon / full.epsilon - 1) <= 0.0102
+    assert agree.mean() >= 0.9
+
+
+def test_linearised_search_records_failures_and_censored_images(fn, images):
+    x, y = images
+    tight = minimal_epsilon_search(fn, x, y, PGDConfig(norm="l2", eps_max=0.05, bracket="linearised"))
+    assert not tight.success.any() and np.isnan(tight.epsilon).all()  # nothing fools below 0.05
+    full = minimal_epsilon_search(fn, x, y, PGDConfig(norm="l2", bracket="full"))
+    floor = float(np.quantile(full.epsilon, 0.5))
+    raised = minimal_epsilon_search(fn, x, y, PGDConfig(norm="l2", eps_min=floor, bracket="linearised"))
+    assert raised.censored.any() and raised.success.all()
+    assert np.all(raised.epsilon[raised.censored] == floor)
+    assert np.isnan(raised.lower[raised.censored]).all()
+    with pytest.raises(PipelineError, match="needs stop 'relative'"):
+        PGDConfig(norm="l2", bracket="linearised", stop="absolute")
+    # The default (auto): linearised with the relative stop, Algorithm 1's bisection with the absolute one.
+    assert PGDConfig(norm="l2").bracket == "linearised"
+    assert PGDConfig(norm="l2", stop="absolute").bracket == "full"
+
+
+def test_margins_are_label_minus_best_other():
+    logits = torch.tensor([[2.0, 1.0, 0.5], [0.0, 3.0, 1.0]])
+    torch.testing.assert_close(margins(logits, torch.tensor([0, 2])), torch.tensor([1.0, -2.0]))
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+def test_adv_lib_references_are_minimal_norm_attacks(fn, images, name):
+    pytest.importorskip("adv_lib")
+    x, y = images[0][:8], images[1][:8]
+    attack = get_attack(name)
+    assert attack.kind == "minimal_norm" and not attack.enabled_by_default
+    block = {"steps": 30} if name != "apgd_l2" else {"steps": 10, "search_steps": 8, "max_eps": 10.0}
+    config = attack.config(block)
+    result = attack.run(fn, x, y, config, batch_size=4, keys=np.arange(8))
+    assert result.success.mean() >= 0.75, config.describe()
+    assert not result.censored.any()
+    l2 = result.perturbation.flatten(1).double().norm(dim=1).numpy()
+    np.testing.assert_allclose(result.epsilon[result.success], l2[result.success])
+    assert (fn.predict((x + result.perturbation).clamp(0, 1))[result.success] != y[result.success]).all()
+    again = attack.run(fn, x, y, config, batch_size=8, keys=np.arange(8))  # another batching, same seeds
+    if name != "apgd_l2":  # deterministic attacks: batch-independent results
+        np.testing.assert_allclose(again.epsilon, result.epsilon, rtol=1e-4)
