@@ -13,9 +13,11 @@ env: $(STAMP)
 
 # torch and torchvision are pinned together in pyproject.toml and come from the
 # same index: a CPU-only torch with PyPI's CUDA torchvision fails at import.
-$(STAMP): pyproject.toml
+# build-constraints.txt caps setuptools below 81 while building sdists: visdom (needed by
+# adv-lib, the reference attacks) still imports pkg_resources in its setup.py.
+$(STAMP): pyproject.toml build-constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[test]'
+	PIP_CONSTRAINT=$(CURDIR)/build-constraints.txt $(BIN)/pip install --quiet -e '.[test]'
 	$(BIN)/python -c "import torch, torchvision, timm, snakemake; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__, 'snakemake', snakemake.__version__)"
 	touch $(STAMP)
 
