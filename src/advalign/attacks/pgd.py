@@ -382,6 +382,17 @@ SHOOT = 0.45
 MAX_TRIALS = 60  # a safeguard only: geometric halving alone closes [1e-6, 10] to 1 % in 12 trials
 
 
+GRID = 8  # trial radii lie on a log grid of GRID steps per (1 + precision)
+
+
+def _on_grid(eps: np.ndarray, precision: float) -> np.ndarray:
+    """Round radii to a fixed log grid (GRID points per factor 1 + precision). The trials are
+    placed from float margins; on the grid, the rounding of another batch size, thread count or
+    device moves a trial only when it lies at a grid boundary, not every time."""
+    step = np.log1p(precision) / GRID
+    return np.exp(np.round(np.log(eps) / step) * step)
+
+
 def _dual_norm(grad: torch.Tensor, norm: str) -> np.ndarray:
     flat = grad.flatten(1).double()
     return (flat.norm(p=2, dim=1) if norm == "l2" else flat.abs().sum(dim=1)).cpu().numpy()
@@ -436,7 +447,7 @@ def _linearised_search(fn, x, y, config: PGDConfig, *, batch_size, lower, upper,
     done = np.zeros(n, dtype=bool)
     halve = np.zeros(n, dtype=bool)
     width = np.full(n, np.inf)
-    eps = np.clip(guess * FIRST_GUESS, floor, ceil)
+    eps = np.clip(_on_grid(guess * FIRST_GUESS, p), floor, ceil)
 
     def attack(indices: np.ndarray, radius: np.ndarray, trial: int):
         fooled_all, margin_all = [], []
@@ -494,18 +505,20 @@ def _linearised_search(fn, x, y, config: PGDConfig, *, batch_size, lower, upper,
             i = open_[only_lo]  # no fooling trial yet: extrapolate past the last failure
             slope = (clean_margin[i] - m_lo[i]) / lo[i]
             root = np.where(slope > 0, clean_margin[i] / slope, lo[i] * GROWTH_MAX)
-            eps[i] = np.minimum(np.clip(root * FIRST_GUESS, lo[i] * GROWTH_MIN, lo[i] * GROWTH_MAX), ceil[i])
+            eps[i] = np.minimum(_on_grid(np.clip(root * FIRST_GUESS, lo[i] * GROWTH_MIN, lo[i] * GROWTH_MAX), p), ceil[i])
             i = open_[only_hi]  # no failing trial yet: interpolate towards 0
             root = hi[i] * clean_margin[i] / (clean_margin[i] - m_hi[i])
             root = np.where(np.isfinite(root) & (root > 0), root, hi[i] / GROWTH_MAX)
-            eps[i] = np.maximum(np.clip(root / (1 + SHOOT * p), hi[i] / GROWTH_MAX, hi[i] / (1 + p)), floor[i])
+            eps[i] = np.maximum(_on_grid(np.clip(root / (1 + SHOOT * p), hi[i] / GROWTH_MAX, hi[i] / (1 + p)), p),
+                                floor[i])  # fmt: skip
             i = open_[both]  # a bracket: just past the secant's crossing
             root = lo[i] + (hi[i] - lo[i]) * m_lo[i] / (m_lo[i] - m_hi[i])
             root = np.where(np.isfinite(root), root, np.sqrt(lo[i] * hi[i]))
             shoot = np.where(hi[i] / root > root / lo[i], root * (1 + SHOOT * p), root / (1 + SHOOT * p))
             inner_lo, inner_hi = lo[i] * (1 + 0.1 * p), hi[i] / (1 + 0.1 * p)
             shoot = np.clip(shoot, np.minimum(inner_lo, np.sqrt(lo[i] * hi[i])), np.maximum(inner_hi, np.sqrt(lo[i] * hi[i])))
-            eps[i] = np.where(halve[i], np.sqrt(lo[i] * hi[i]), shoot)
+            # On the grid, and still strictly inside the bracket (the grid is finer than its margin).
+            eps[i] = np.clip(_on_grid(np.where(halve[i], np.sqrt(lo[i] * hi[i]), shoot), p), inner_lo, inner_hi)
     bar.close()
     if not done.all():  # only past MAX_TRIALS: the open brackets are reported as they stand
         open_ = ~done & success
