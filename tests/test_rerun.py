@@ -190,7 +190,7 @@ def test_editing_figure_code_replots_only_the_figures(tiny_run, tmp_path):
 
 
 def test_editing_attack_code_reruns_every_attack_and_what_follows(tiny_run, tmp_path):
-    with edited(tiny_run, "src/advalign/attacks.py", _code_edit):
+    with edited(tiny_run, "src/advalign/attacks/pgd.py", _code_edit):
         result = plan(tiny_run, tmp_path)
     expected = [("attack", m, a) for a in tiny_config(tiny_run)["attacks"]["enabled"] for m in attacked_models(tiny_run, a)]
     assert_only(result, expected, AGGREGATE_RULES)  # no training job
@@ -205,7 +205,7 @@ def test_editing_statistics_code_reruns_the_statistics_and_everything_downstream
 
 
 def test_comments_docstrings_tests_and_readme_plan_nothing(tiny_run, tmp_path):
-    with edited(tiny_run, "src/advalign/attacks.py", _comment_and_docstring_edit), \
+    with edited(tiny_run, "src/advalign/attacks/pgd.py", _comment_and_docstring_edit), \
             edited(tiny_run, "README.md", lambda t: t + "\nOne more line.\n"), \
             edited(tiny_run, "tests/test_rerun.py", _code_edit):  # fmt: skip
         result = plan(tiny_run, tmp_path)
