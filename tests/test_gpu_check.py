@@ -30,4 +30,4 @@ def test_gpu_check_smoke_runs_every_section(tmp_path):
     assert search["fooled"] > 0 and search["passes_per_image"] > 0 and search["achieved_tflops"] > 0
     assert sections["harmonizer_step"]["finite"]
     assert sections["ddp_step"]["world_size"] == 2 and sections["ddp_step"]["weights_equal_across_ranks"]
-    assert set(sections["memory"]) == {"resnet10t", "vit_tiny_patch16_224"}
+    assert set(sections["memory"]) - {"ok", "section_seconds"} == {"resnet10t", "vit_tiny_patch16_224"}
