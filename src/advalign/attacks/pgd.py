@@ -263,6 +263,20 @@ def _broadcast(value, n: int, name: str) -> np.ndarray:
     return array
 
 
+def _search_result(success, hi, lo, censored, best, adv_pred, grad_evals, trials) -> AttackResult:
+    """A minimal-ε search's outcome: ε = the smallest fooling trial, lower = the largest failing one."""
+    return AttackResult(
+        success=success,
+        epsilon=np.where(success, hi, np.nan),
+        censored=censored,
+        lower=np.where(success & ~censored, lo, np.nan),
+        perturbation=best.float().cpu(),
+        adv_pred=adv_pred,
+        grad_evals=grad_evals,
+        trials=trials,
+    )
+
+
 def minimal_epsilon_search(
     fn: AttackedFunction,
     x: torch.Tensor,
@@ -360,16 +374,7 @@ def minimal_epsilon_search(
         bar.update(1)
     bar.close()
 
-    return AttackResult(
-        success=success,
-        epsilon=np.where(success, hi, np.nan),
-        censored=censored,
-        lower=np.where(success & ~censored, lo, np.nan),
-        perturbation=best.float().cpu(),
-        adv_pred=adv_pred,
-        grad_evals=grad_evals,
-        trials=trials,
-    )
+    return _search_result(success, hi, lo, censored, best, adv_pred, grad_evals, trials)
 
 
 # The linearised search. First guess: FIRST_GUESS x the linearised distance, so that the first
@@ -520,19 +525,8 @@ def _linearised_search(fn, x, y, config: PGDConfig, *, batch_size, lower, upper,
             # On the grid, and still strictly inside the bracket (the grid is finer than its margin).
             eps[i] = np.clip(_on_grid(np.where(halve[i], np.sqrt(lo[i] * hi[i]), shoot), p), inner_lo, inner_hi)
     bar.close()
-    if not done.all():  # only past MAX_TRIALS: the open brackets are reported as they stand
-        open_ = ~done & success
-        censored[open_ & ~np.isfinite(lo)] = False
-    return AttackResult(
-        success=success,
-        epsilon=np.where(success, hi, np.nan),
-        censored=censored,
-        lower=np.where(success & ~censored, lo, np.nan),
-        perturbation=best.float().cpu(),
-        adv_pred=adv_pred,
-        grad_evals=grad_evals,
-        trials=trials,
-    )
+    # Past MAX_TRIALS (a safeguard only) the open brackets are reported as they stand.
+    return _search_result(success, hi, lo, censored, best, adv_pred, grad_evals, trials)
 
 
 def _pgd(norm: str) -> Attack:
