@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from advalign.columns import ATTACK_COLUMNS, ZOO_COLUMNS
+from advalign.columns import ATTACK_COLUMNS, RELIANCE_COLUMNS, ZOO_COLUMNS
 
 N_CLASSES = 10
 CLASS_NAMES = ["monkey", "car", "dog", "airplane", "bird", "teapot", "fish", "clock", "cat", "guitar"]
@@ -56,7 +56,7 @@ def zoo_rows() -> list[dict]:
         rows.append(dict(model=model, timm_name=model, timm_kwargs="{}", arch_class=arch, family=family,
                          training="standard", base_model="", harmonizer_lambda=None, robust_eps=None,
                          top1=top1, top1_source="timm results-imagenet.csv", checkpoint="", checkpoint_keys="",
-                         data_config=""))
+                         data_config="", epochs=""))
     by_name = {r["model"]: r for r in rows}
     for model, training, base, lam, eps, _ in DERIVED_MODELS:
         row = dict(by_name[base])
@@ -180,8 +180,21 @@ def write_fake_results(root, n_images: int = 40, image_size: int = 16, cw_images
                 fmn_out.parent.mkdir(parents=True, exist_ok=True)
                 fmn.to_parquet(fmn_out, index=False)
                 attack_paths.append(str(fmn_out))
+    # A measured cue reliance per model that alignment tracks, with noise (results/stats/cue_reliance.csv).
+    reliance = []
+    for model, (_, alignment) in means.items():
+        part = float(np.clip(0.5 + 0.8 * alignment + rng.normal(0, 0.05), 0, 1))
+        n_part = int(round(part * 280))
+        reliance.append({"model": model, "part_reliance": n_part / 280, "n_conflict": 300, "n_conflict_part": n_part,
+                         "n_conflict_context": 280 - n_part, "n_conflict_other": 20, "accuracy_stimuli": 0.9,
+                         "accuracy_part_occluded": 0.9 - 0.5 * part, "accuracy_context_occluded": 0.4 + 0.5 * part,
+                         "n_stimuli": n_images})
+    reliance_path = root / "results" / "stats" / "cue_reliance.csv"
+    reliance_path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(reliance, columns=list(RELIANCE_COLUMNS)).to_csv(reliance_path, index=False)
     return {
         "zoo_rows": rows,
+        "reliance": str(reliance_path),
         "attack_paths": attack_paths,
         "metrics_paths": metrics_paths,
         "example_paths": example_paths,
@@ -228,6 +241,9 @@ class _Named(list):
                          + [x for v in named.values() if isinstance(v, list) for x in v])
         for key, value in named.items():
             setattr(self, key, value)
+
+    def get(self, key, default=None):
+        return getattr(self, key, default)
 
 
 def run_script(script, log, input=None, output=None, params=None, **named_input):

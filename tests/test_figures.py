@@ -8,6 +8,8 @@ from PIL import Image
 
 from advalign.figure_registry import figures_of_kind, get_figure
 from advalign.figures import (
+    distribution_data,
+    distribution_figure,
     load_examples,
     qualitative_figure,
     resolve_style,
@@ -28,7 +30,8 @@ SCATTER = tuple(f.id for f in figures_of_kind("scatter"))
 def fake(tmp_path_factory):
     root = tmp_path_factory.mktemp("fake")
     results = write_fake_results(root, n_images=24, image_size=16, cw_images=12)
-    table = build_model_table(results["zoo_rows"], results["attack_paths"], results["metrics_paths"])
+    table = build_model_table(results["zoo_rows"], results["attack_paths"], results["metrics_paths"],
+                              reliance_path=results["reliance"])  # fmt: skip
     table.to_csv(root / "table.csv", index=False)
     results["table"] = pd.read_csv(root / "table.csv")
     results["pgd_examples"] = [p for p in results["example_paths"] if "/pgd_l2/" in p]
@@ -190,3 +193,59 @@ def test_the_minimal_norm_figure_says_how_to_enable_its_attack(fake, tmp_path, c
         scatter_figure("figM1", without, {"dpi": 80}, png, pdf)
     assert "fmn_l2 did not run: add fmn_l2 to attacks.enabled" in caplog.text
     check_outputs(png, pdf, min_width=300, min_height=100)
+
+
+def test_validation_figure_draws_reliance_and_a_seeded_regression_band(fake, tmp_path, caplog):
+    first, second = tmp_path / "a.png", tmp_path / "b.png"
+    for png in (first, second):
+        scatter_figure("figV1", fake["table"], {"dpi": 100}, png, png.with_suffix(".pdf"))
+    check_outputs(first, first.with_suffix(".pdf"))
+    assert first.read_bytes() == second.read_bytes()  # the bootstrap band is seeded: same inputs, same bytes
+    spec = get_figure("figV1").spec
+    data = scatter_data(spec, prepare_table(fake["table"]))
+    assert len(data) == len(fake["zoo_rows"]) and data["x"].between(0, 1).all()
+    # On data without a cue-conflict set (the paper), a notice that says why.
+    no_reliance = fake["table"].assign(part_reliance=np.nan)
+    notice = tmp_path / "notice.png"
+    with caplog.at_level("WARNING"):
+        scatter_figure("figV1", no_reliance, {"dpi": 80}, notice, notice.with_suffix(".pdf"))
+    assert "cue reliance is measured on the synthetic benchmark only" in caplog.text
+
+
+def test_regression_lines_fit_the_test_set_only(fake):
+    """Figs. 2-4 fit a least-squares line over the standard models only (the models their
+    Spearman test is over); Fig. V1 over every plotted model."""
+    import matplotlib.pyplot as plt
+
+    from advalign.figures import _draw_regression
+
+    table = prepare_table(fake["table"])
+    for fig, only_standard in (("fig3", True), ("figV1", False)):
+        spec = get_figure(fig).spec
+        data = scatter_data(spec, table)
+        fitted = data[data["training"] == "standard"] if only_standard else data
+        figure, ax = plt.subplots()
+        assert _draw_regression(ax, spec, data)
+        (line,) = ax.lines
+        xs, ys = line.get_data()
+        assert xs.min() == pytest.approx(fitted["x"].min()) and xs.max() == pytest.approx(fitted["x"].max())
+        slope, intercept = np.polyfit(fitted["x"], fitted["y"], 1)
+        np.testing.assert_allclose(ys, slope * xs + intercept, rtol=1e-6, atol=1e-9)
+        assert len(ax.collections) == 1  # the bootstrap band
+        plt.close(figure)
+
+
+def test_distribution_figure_has_one_point_per_fooled_image(fake, tmp_path):
+    spec = get_figure("figD1").spec
+    table = prepare_table(fake["table"])
+    data = distribution_data(spec, table, fake["attack_paths"])
+    pgd = [p for p in fake["attack_paths"] if "/pgd_l2/" in p]
+    fooled = sum(int(pd.read_parquet(p)["success"].sum()) for p in pgd)
+    assert len(data) == fooled and set(data["model"]) == set(table["model"])
+    assert {"arch_class", "training", "l2", "alignment"} <= set(data.columns)
+    png, pdf = tmp_path / "figD1.png", tmp_path / "figD1.pdf"
+    distribution_figure("figD1", fake["table"], fake["attack_paths"], {"dpi": 100}, png, pdf)
+    check_outputs(png, pdf)
+    empty = tmp_path / "empty.png"
+    distribution_figure("figD1", fake["table"], [], {"dpi": 80}, empty, empty.with_suffix(".pdf"))
+    assert empty.stat().st_size > 0  # a notice, not an error

@@ -119,7 +119,8 @@ def test_the_paper_attacks_and_figures_come_from_the_registries():
     config = validate_config({"data": {"kind": "synthetic"}, "zoo": {"table": "x.csv"}})
     assert get_attack("pgd_linf").config(config["attacks"]["pgd_linf"]) == get_attack("pgd_linf").config({})
     assert get_attack("pgd_linf").config({}).eps_max == 1.0 and get_attack("pgd_l2").config({}).eps_max == 10.0
-    assert figure_names() == ("fig2", "fig3", "fig4", "fig5", "figS1", "figS2", "figS3", "figS4", "figS5", "figM1")
+    assert figure_names() == ("fig2", "fig3", "fig4", "fig5", "figS1", "figS2", "figS3", "figS4", "figS5", "figM1",
+                              "figV1", "figD1")
     for figure in figures_of_kind("scatter") + figures_of_kind("qualitative"):
         assert (REPO / figure.caption).is_file(), figure.caption
         assert set(figure.attacks) <= set(attack_names())

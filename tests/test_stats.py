@@ -380,3 +380,39 @@ def test_bootstrap_ci_is_seeded():
     assert bootstrap_spearman_ci(x, y) == bootstrap_spearman_ci(x, y)
     lo, hi = bootstrap_spearman_ci(x, y)
     assert -1 <= lo < sps.spearmanr(x, y).statistic < hi <= 1
+
+
+# --------------------------------------------------------------------------- the known answer
+
+
+def test_measured_reliance_joins_every_row_of_its_model(fake):
+    table = build_model_table(fake["zoo_rows"], fake["attack_paths"], fake["metrics_paths"],
+                              reliance_path=fake["reliance"])  # fmt: skip
+    reliance = pd.read_csv(fake["reliance"]).set_index("model")
+    for column in ("part_reliance", "accuracy_part_occluded", "accuracy_context_occluded"):
+        np.testing.assert_allclose(table[column], reliance.loc[table["model"], column].to_numpy())
+    assert fake["table"]["part_reliance"].isna().all()  # no reliance file (the paper): NaN, not an error
+
+
+def test_a_reliance_file_missing_a_model_is_an_error(fake, tmp_path):
+    partial = tmp_path / "cue_reliance.csv"
+    pd.read_csv(fake["reliance"]).iloc[1:].to_csv(partial, index=False)
+    with pytest.raises(PipelineError, match="no cue reliance for model"):
+        build_model_table(fake["zoo_rows"], fake["attack_paths"], fake["metrics_paths"], reliance_path=partial)
+
+
+def test_validation_tests_match_scipy_and_say_why_on_the_paper(fake):
+    table = build_model_table(fake["zoo_rows"], fake["attack_paths"], fake["metrics_paths"],
+                              reliance_path=fake["reliance"])  # fmt: skip
+    tests = by_name(run_tests(table, fake["attack_paths"]))
+    pgd = table[table["attack"] == "pgd_l2"]
+    rho, p = sps.spearmanr(pgd["part_reliance"], pgd["alignment"])
+    validation = tests["rho_alignment_part_reliance"]
+    assert validation["n"] == len(pgd) and validation["statistic"] == pytest.approx(rho)
+    assert validation["p_value"] == pytest.approx(p)
+    standard = pgd[pgd["training"] == "standard"]
+    rho, _ = sps.spearmanr(standard["accuracy"], standard["part_reliance"])
+    assert tests["rho_accuracy_part_reliance"]["statistic"] == pytest.approx(rho)
+    without = by_name(run_tests(fake["table"], fake["attack_paths"]))
+    for name in ("rho_alignment_part_reliance", "rho_accuracy_part_reliance"):
+        assert without[name]["statistic"] is None and "cue-conflict" in without[name]["detail"]["reason"]

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from advalign.columns import CLAIM_COLUMNS, TABLE_S1_COLUMNS, TABLE_S2_COLUMNS
+from advalign.columns import CLAIM_COLUMNS, MODEL_ATTACK_COLUMNS, TABLE_S1_COLUMNS, TABLE_S2_COLUMNS
 from advalign.io import PipelineError
 from advalign.stats import build_model_table, run_tests
 from advalign.tables import ALL_CLASSES, ALL_FAMILIES, claims_table, table_s1, table_s2, write_table_pair
@@ -96,11 +96,7 @@ def test_agreement_rules():
         {"name": "rho_tolerance_l2_linf", "test": "spearman", "statistic": 0.5, "df": 10, "p_value": 0.001,
          "n": 12, "detail": {}},
     ]
-    table = pd.DataFrame(columns=["model", "attack", "arch_class", "family", "training", "base_model",
-                                  "harmonizer_lambda", "robust_eps", "accuracy", "tolerance", "tolerance_se",
-                                  "tolerance_255", "tolerance_255_se", "tolerance_l2", "tolerance_l2_se", "alignment",
-                                  "alignment_se", "n_stimuli", "n_attacked", "n_success", "n_failed", "n_censored",
-                                  "n_alignment_undefined", "search"])
+    table = pd.DataFrame(columns=list(MODEL_ATTACK_COLUMNS))
     claims = claims_table(tests, table).set_index("claim")
     assert claims.loc["Spearman rho(accuracy, l2-PGD tolerance), standard models", "agrees"] is False  # wrong sign
     assert claims.loc["Spearman rho(accuracy, adversarial alignment), standard models", "agrees"] is False  # n.s.
@@ -109,6 +105,16 @@ def test_agreement_rules():
     assert welch["agrees"] is None and "needs 2 models" in welch["note"]
     missing = claims.loc["Spearman rho(CW-l2 tolerance, l2-PGD tolerance), CW subset"]
     assert np.isnan(missing["recomputed_value"]) and "not in tests.json" in missing["note"]
+    validation = [
+        {"name": "rho_alignment_part_reliance", "test": "spearman", "statistic": 0.65, "df": 20, "p_value": 0.001,
+         "n": 22, "detail": {}},
+        {"name": "rho_accuracy_part_reliance", "test": "spearman", "statistic": -0.5, "df": 18, "p_value": 0.02,
+         "n": 20, "detail": {}},
+    ]
+    claims = claims_table(tests + validation, table).set_index("claim")
+    below = claims.loc["validation: rho(measured part reliance, l2-PGD alignment), every model"]
+    assert below["agrees"] is False and np.isnan(below["paper_value"])  # rho 0.65 < 0.7: the validation fails
+    assert claims.loc[claims.index.str.contains("the planted mechanism"), "agrees"].item() is True
 
 
 def test_claims_reject_malformed_tests(fake):
@@ -185,6 +191,8 @@ def test_harmonized_vs_robust_falls_back_to_the_base_family(fake):
 
 def test_every_claim_has_a_paper_value(fake):
     claims = claims_table(fake["tests"], fake["table"])
-    assert claims["paper_value"].notna().all()
+    paper = claims[claims["source"] != "beyond the paper"]
+    assert paper["paper_value"].notna().all()
+    assert claims.loc[claims["source"] == "beyond the paper", "paper_value"].isna().all()
     directional = claims[claims["claim"].str.contains("direction only")]
     assert len(directional) >= 3 and set(directional["paper_value"]) <= {1.0, -1.0}

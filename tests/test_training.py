@@ -47,7 +47,7 @@ def _train(folder, name, kind="standard", base=None, recipe=None, **row_changes)
 def data(tmp_path_factory):
     torch.set_num_threads(1)
     folder = tmp_path_factory.mktemp("training")
-    outputs = {split: folder / f"{split}.npz" for split in columns.SPLITS}
+    outputs = {split: folder / f"{split}.npz" for split in (*columns.SPLITS, columns.CONFLICT_SPLIT)}
     outputs.update(classes=folder / "classes.csv", manifest=folder / "manifest.csv")
     write_synthetic_dataset({**SPEC, "map_fraction": 0.5}, seed=0, outputs=outputs)
     return folder

@@ -56,6 +56,10 @@ def _outputs(folder: Path) -> dict:
             "out_history": folder / "history.csv"}  # fmt: skip
 
 
+FIRST_WORLD = {"part_agreement": 1.0, "part_tint": 0.0, "context_agreement": 0.8, "context_tint": 0.4,
+               "context_contrast": 0.2}
+
+
 def _state(folder: Path) -> dict:
     return torch.load(folder / "weights.pt", weights_only=True)["state_dict"]
 
@@ -64,9 +68,12 @@ def _state(folder: Path) -> dict:
 def data(tmp_path_factory):
     torch.set_num_threads(1)
     folder = tmp_path_factory.mktemp("paper_training")
-    outputs = {split: folder / f"{split}.npz" for split in columns.SPLITS}
+    outputs = {split: folder / f"{split}.npz" for split in (*columns.SPLITS, columns.CONFLICT_SPLIT)}
     outputs.update(classes=folder / "classes.csv", manifest=folder / "manifest.csv")
-    spec = {"n_classes": 4, "image_size": 32, "train_per_class": 40, "heldout_per_class": 12, "stimuli_per_class": 2}
+    # The first demo world (the part always shows the class; a strong tinted context agrees on 80 %),
+    # where the context is the shortcut that a cross-entropy fine-tune drifts towards.
+    spec = {"n_classes": 4, "image_size": 32, "train_per_class": 40, "heldout_per_class": 12, "stimuli_per_class": 2,
+            **FIRST_WORLD}
     write_synthetic_dataset(spec, seed=0, outputs=outputs)
     return folder
 

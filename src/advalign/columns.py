@@ -26,6 +26,8 @@ Stage files
 ``results/attacks/{attack}/{model}.parquet``  ATTACK_COLUMNS, one row per stimulus
 ``results/attacks/{attack}/{model}.npz``      EXAMPLE_ARRAYS: perturbations kept for figures
 
+``results/data/conflict.npz``           synthetic only: CONFLICT_ARRAYS, the cue-conflict set
+``results/stats/cue_reliance.csv``      synthetic only: RELIANCE_COLUMNS, one row per model
 ``results/stats/model_attack_table.csv``  MODEL_ATTACK_COLUMNS, one row per model x attack
 ``results/stats/tests.json``              list of TEST_KEYS dicts (every docs/methods.md §5 test)
 ``results/tables/claims.{csv,md}``        CLAIM_COLUMNS
@@ -44,6 +46,23 @@ ARCH_CLASSES = ("CNN", "ViT", "hybrid")
 TRAINING_KINDS = ("standard", "harmonized", "control", "robust")
 
 SPLIT_ARRAYS = ("images", "labels", "maps", "has_map", "ids")
+# The synthetic benchmark's cue-conflict test set, results/data/conflict.npz: the part
+# glyph shows ``part`` (= labels) and the background context another class, ``context``.
+CONFLICT_SPLIT = "conflict"
+CONFLICT_ARRAYS = (*SPLIT_ARRAYS, "part", "context")
+# results/stats/cue_reliance.csv (synthetic data only; advalign.reliance): one row per model.
+RELIANCE_COLUMNS = (
+    "model",
+    "part_reliance",  # conflict decisions following the part / those following part or context
+    "n_conflict",
+    "n_conflict_part",
+    "n_conflict_context",
+    "n_conflict_other",  # decisions for neither cue's class
+    "accuracy_stimuli",  # fractions in [0, 1] on the stimuli with a map
+    "accuracy_part_occluded",  # the human-marked region (map >= 0.5) replaced by matched noise
+    "accuracy_context_occluded",  # everything outside it replaced
+    "n_stimuli",
+)
 CLASS_COLUMNS = ("class_index", "class_name", "animate")
 MANIFEST_COLUMNS = (
     "image_id",
@@ -67,6 +86,7 @@ ZOO_COLUMNS = (
     "base_model",  # the model a derived model starts from ('' for standard)
     "harmonizer_lambda",  # harmonized only
     "robust_eps",  # robust only (l_inf, pixel scale [0, 1])
+    "epochs",  # standard models the pipeline trains: their training budget ('' = training.epochs)
     "top1",  # published ImageNet top-1 (paper mode); NaN where the pipeline measures it
     "top1_source",
     # Bring your own checkpoint (paper mode; advalign.weights.import_checkpoint):
@@ -147,7 +167,12 @@ MODEL_ATTACK_COLUMNS = (
     "n_censored",  # fooled at the lower bound: in n_success and the alignment, not in the tolerance
     "n_alignment_undefined",  # fooled, but no alignment: constant (or no) human map or perturbation map
     "search",  # the search that produced the per-image rows (the attack table's search column)
+    # Measured cue reliance (synthetic data, results/stats/cue_reliance.csv; NaN elsewhere):
+    "part_reliance",  # cue-conflict decisions that follow the human-marked part, fraction in [0, 1]
+    "accuracy_part_occluded",  # stimuli accuracy with the marked region noised, fraction in [0, 1]
+    "accuracy_context_occluded",  # ... with everything outside it noised
 )
+RELIANCE_IN_MODEL_TABLE = ("part_reliance", "accuracy_part_occluded", "accuracy_context_occluded")
 TEST_KEYS = ("name", "test", "statistic", "df", "p_value", "n", "detail")
 CLAIM_COLUMNS = (
     "claim",

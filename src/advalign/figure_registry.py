@@ -4,7 +4,8 @@ Like showyourwork's one script per figure: each :class:`Figure` names its id (th
 ``figures/{id}.{png,pdf}`` and the rule ``figure_{id}``), its kind (``scatter``: a
 model-level plot of the per-model table, drawn by ``workflow/scripts/scatter_figure.py``;
 ``qualitative``: a grid of stimuli, maps and perturbations, by
-``workflow/scripts/qualitative_figure.py``), its title, its caption file for the
+``workflow/scripts/qualitative_figure.py``; ``distribution``: per-image distributions by
+architecture class and training kind, by ``workflow/scripts/distribution_figure.py``), its title, its caption file for the
 Snakemake report and the spec that says what is drawn. ``workflow/rules/figures.smk``
 plans one rule per entry, ``columns.FIGURES`` lists them, the report takes each
 caption from here, and the tests iterate over them. Adding a figure of an existing
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-KINDS = ("scatter", "qualitative")
+KINDS = ("scatter", "qualitative", "distribution")
 REPORT_DIR = "workflow/report"  # captions: {REPORT_DIR}/{id}.rst
 
 
@@ -38,6 +39,8 @@ class ScatterSpec:
     arrows: bool = False
     pareto: bool = False
     identity: bool = False
+    regression: bool = False  # a least-squares line with a bootstrap 95% band over the test set's models
+    unavailable: str = ""  # why the figure can be empty on some data (said in its notice)
 
 
 @dataclass(frozen=True)
@@ -53,11 +56,23 @@ class QualitativeSpec:
 
 
 @dataclass(frozen=True)
+class DistributionSpec:
+    """Per-image distributions of one attack's measurements (attack-table columns), one panel
+    per entry of ``values`` = ((column, label), ...), by architecture class and training kind."""
+
+    values: tuple[tuple[str, str], ...]
+    attack: str = "pgd_l2"
+
+
+SPECS = {"scatter": ScatterSpec, "qualitative": QualitativeSpec, "distribution": DistributionSpec}
+
+
+@dataclass(frozen=True)
 class Figure:
     id: str
     kind: str
     title: str
-    spec: ScatterSpec | QualitativeSpec
+    spec: ScatterSpec | QualitativeSpec | DistributionSpec
 
     @property
     def caption(self) -> str:
@@ -78,7 +93,7 @@ _FIGURES: dict[str, Figure] = {}
 def register_figure(figure: Figure) -> Figure:
     if figure.kind not in KINDS:
         raise ValueError(f"figure {figure.id!r}: kind {figure.kind!r} is not one of {KINDS}")
-    expected = ScatterSpec if figure.kind == "scatter" else QualitativeSpec
+    expected = SPECS[figure.kind]
     if not isinstance(figure.spec, expected):
         raise ValueError(f"figure {figure.id!r}: a {figure.kind} figure needs a {expected.__name__}")
     if figure.id in _FIGURES:
@@ -118,17 +133,17 @@ def _scatter(fig, title, x, y, models, test_set, **flags):
 _scatter(
     "fig2", r"Fig. 2: accuracy vs $\ell_2$-PGD perturbation tolerance",
     Axis("pgd_l2", "accuracy", None, "accuracy"), Axis("pgd_l2", "tolerance", "tolerance_se", L2_TOL),
-    "all", "standard", arrows=True,
+    "all", "standard", arrows=True, regression=True,
 )  # fmt: skip
 _scatter(
     "fig3", r"Fig. 3: accuracy vs adversarial alignment ($\ell_2$ PGD)",
     Axis("pgd_l2", "accuracy", None, "accuracy"), Axis("pgd_l2", "alignment", "alignment_se", ALIGNMENT),
-    "all", "standard", arrows=True,
+    "all", "standard", arrows=True, regression=True,
 )  # fmt: skip
 _scatter(
     "fig4", r"Fig. 4: adversarial alignment vs $\ell_2$ perturbation tolerance",
     Axis("pgd_l2", "alignment", "alignment_se", ALIGNMENT), Axis("pgd_l2", "tolerance", "tolerance_se", L2_TOL),
-    "all", "standard", arrows=True, pareto=True,
+    "all", "standard", arrows=True, pareto=True, regression=True,
 )  # fmt: skip
 register_figure(Figure("fig5", "qualitative", r"Fig. 5: $\ell_2$-PGD perturbations for a variety of models",
                        QualitativeSpec("spread")))  # fmt: skip
@@ -162,3 +177,18 @@ _scatter(
     Axis("fmn_l2", "tolerance", "tolerance_se", r"FMN $\ell_2$ tolerance (mean $\ell_2$, pixels in [0, 1])"),
     "both", "plotted", identity=True,
 )  # fmt: skip
+# Beyond the paper: the validation of the measure on the synthetic world, where each model's
+# reliance on the human-marked part is measured directly (advalign.reliance).
+_scatter(
+    "figV1", "Validation: adversarial alignment vs measured reliance on the human-marked part",
+    Axis("pgd_l2", "part_reliance", None,
+         "Measured part reliance\n(cue-conflict decisions that follow the part, fraction)"),
+    Axis("pgd_l2", "alignment", "alignment_se", ALIGNMENT),
+    "all", "plotted", arrows=True, regression=True,
+    unavailable="cue reliance is measured on the synthetic benchmark only (its cue-conflict set)",
+)  # fmt: skip
+register_figure(Figure(
+    "figD1", "distribution", r"Per-image $\ell_2$-PGD tolerance and alignment by architecture and training",
+    DistributionSpec(values=(("l2", r"$\ell_2$ tolerance per image" + "\n" + r"($\ell_2$ distance, pixels in [0, 1])"),
+                             ("alignment", "Adversarial alignment per image\n" + r"(Spearman $\rho_s$ with human map)"))),
+))  # fmt: skip

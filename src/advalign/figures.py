@@ -33,7 +33,15 @@ from .columns import ARCH_CLASSES, CLASS_COLUMNS, EXAMPLE_ARRAYS  # noqa: E402
 from .figure_registry import ScatterSpec, get_figure  # noqa: E402
 from .io import PipelineError, atomic_path, require_file  # noqa: E402
 from .metrics import perturbation_map  # noqa: E402
-from .stats import STANDARD_SET, pareto_front, prepare_table, read_attack_file, spearman_test  # noqa: E402
+from .stats import (  # noqa: E402
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    STANDARD_SET,
+    pareto_front,
+    prepare_table,
+    read_attack_file,
+    spearman_test,
+)
 
 log = logging.getLogger(__name__)
 
@@ -136,13 +144,31 @@ def scatter_data(spec: ScatterSpec, table: pd.DataFrame) -> pd.DataFrame:
     return data.sort_index()
 
 
+def _test_subset(spec: ScatterSpec, data: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The models the figure's test (and regression line) is over, and their name in words."""
+    if spec.test_set == "standard":
+        return data[data["training"] == "standard"], "standard models"
+    return data, "models"
+
+
+def _draw_regression(ax, spec: ScatterSpec, data: pd.DataFrame) -> bool:
+    """seaborn's least-squares line with a bootstrap 95% band (resampling models, seeded) over the
+    test set's models; False where there are too few models to fit one."""
+    import seaborn as sns
+
+    subset, _ = _test_subset(spec, data)
+    if len(subset) < 3 or subset["x"].nunique() < 2:
+        return False
+    sns.regplot(x=subset["x"].to_numpy(float), y=subset["y"].to_numpy(float), ax=ax, scatter=False, ci=95,
+                n_boot=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED, truncate=True,
+                line_kws={"color": "0.25", "lw": 1.2, "zorder": 1}, color="0.55")  # fmt: skip
+    return True
+
+
 def _annotation(spec: ScatterSpec, data: pd.DataFrame) -> str:
     """The Spearman test the figure is about, on the same model set as stats.run_tests."""
-    if spec.test_set == "standard":
-        subset, words = data[data["training"] == "standard"], "standard models"
-        test_set = STANDARD_SET
-    else:
-        subset, words, test_set = data, "models", "plotted models"
+    subset, words = _test_subset(spec, data)
+    test_set = STANDARD_SET if spec.test_set == "standard" else "plotted models"
     test = spearman_test("figure", subset["x"], subset["y"], test_set, "x", "y")
     if test["statistic"] is None:
         return f"Spearman $\\rho_s$ not defined ({test['detail']['reason']})"
@@ -195,6 +221,8 @@ def scatter_figure(fig: str, table: pd.DataFrame, style: dict, png, pdf) -> None
     data = scatter_data(spec, table)
     if data.empty:
         reason = f"no model has both {spec.x.attack} {spec.x.value} and {spec.y.attack} {spec.y.value}"
+        if spec.unavailable:
+            reason += f" ({spec.unavailable})"
         absent = [a for a in figure.attacks if not (table["attack"] == a).any()]
         if absent:
             reason += f" ({', '.join(absent)} did not run: add {' and '.join(absent)} to attacks.enabled)"
@@ -232,6 +260,7 @@ def scatter_figure(fig: str, table: pd.DataFrame, style: dict, png, pdf) -> None
             hi = np.nanmax([data["x"].max(), data["y"].max()])
             pad = 0.05 * (hi - lo if hi > lo else 1.0)
             ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.6", lw=0.9, ls=":", zorder=1)
+        regression = spec.regression and _draw_regression(ax, spec, data)
         if spec.pareto:
             _draw_pareto(ax, data)
 
@@ -240,7 +269,7 @@ def scatter_figure(fig: str, table: pd.DataFrame, style: dict, png, pdf) -> None
         ax.set_title(f"{title}\n{_annotation(spec, data)}", loc="left")
         ax.grid(True, color="0.92", lw=0.6, zorder=0)
         ax.set_axisbelow(True)
-        legend = ax.legend(handles=_legend_handles(data, style, arrows, spec), loc="center left",
+        legend = ax.legend(handles=_legend_handles(data, style, arrows, spec, regression), loc="center left",
                            bbox_to_anchor=(1.01, 0.5), frameon=False, borderaxespad=0)
         for text in legend.get_texts():
             if text.get_text() in LEGEND_HEADERS:
@@ -317,7 +346,7 @@ def _place_labels(figure, ax, data: pd.DataFrame, models: list[str], style: dict
                                 "shrinkB": radius / px_per_pt})
 
 
-def _legend_handles(data, style, arrows: int, spec: ScatterSpec) -> list:
+def _legend_handles(data, style, arrows: int, spec: ScatterSpec, regression: bool = False) -> list:
     handles = [Line2D([], [], ls="", label="Architecture")]
     for arch_class in ARCH_CLASSES:
         if (data["arch_class"] == arch_class).any():
@@ -339,6 +368,11 @@ def _legend_handles(data, style, arrows: int, spec: ScatterSpec) -> list:
                              label="dominated by an\nunharmonized model"))
     if spec.identity:
         handles.append(Line2D([], [], color="0.6", lw=0.9, ls=":", label="y = x"))
+    if regression:
+        _, words = _test_subset(spec, data)
+        handles.append(Line2D([], [], color="0.25", lw=1.2, label=f"least-squares fit,\n{words}"))
+        handles.append(Patch(facecolor="0.55", alpha=0.15, edgecolor="none",
+                             label="bootstrap 95% band\n(resampled models)"))
     if data[["x_se", "y_se"]].notna().any().any():
         handles.append(Line2D([], [], color="0.4", lw=0.8, label="± 1 SE"))
     return handles
@@ -599,4 +633,82 @@ def qualitative_figure(fig: str, table: pd.DataFrame, classes: pd.DataFrame, exa
         width_chars = int((panel * n_cols + 0.6) * 72 / (0.55 * (style["font_size"] - 1.5)))
         figure.supxlabel(textwrap.fill(footnote, width_chars), fontsize=style["font_size"] - 1.5, color="0.3",
                          ha="left", x=0.01)
+        save_figure(figure, png, pdf, style["dpi"])
+
+
+# --------------------------------------------------------------------------- per-image distributions
+
+
+def distribution_data(spec, table: pd.DataFrame, attack_paths) -> pd.DataFrame:
+    """One row per fooled image of ``spec.attack``: model, arch_class, training and the spec's
+    columns. Tolerance columns (l2, linf, epsilon) are NaN on censored images (fooled at the
+    lower bound: only an upper bound is known), as in the model table's means."""
+    meta = table.drop_duplicates("model").set_index("model")[["arch_class", "training"]]
+    columns = [c for c, _ in spec.values]
+    frames = []
+    for raw in attack_paths:
+        path = Path(raw)
+        if path.parent.name != spec.attack:
+            continue
+        frame = read_attack_file(path, columns=("image_id", "model", "success", "censored", *columns))
+        frame = frame[frame["success"]].copy()
+        for column in set(columns) & {"l2", "linf", "epsilon"}:
+            frame.loc[frame["censored"], column] = np.nan
+        frames.append(frame)
+    if not frames:
+        return pd.DataFrame(columns=["model", "arch_class", "training", *columns])
+    data = pd.concat(frames, ignore_index=True)
+    unknown = sorted(set(data["model"]) - set(meta.index))
+    if unknown:
+        raise PipelineError(f"{spec.attack}: attack tables for model(s) not in the model table: {', '.join(unknown)}")
+    return data.join(meta, on="model")
+
+
+def distribution_figure(fig: str, table: pd.DataFrame, attack_paths, style: dict, png, pdf) -> None:
+    """Per-image distributions (violins with quartiles) of the spec's columns, by architecture
+    class (x) and training kind (hue), with the number of images and models per group."""
+    import seaborn as sns
+
+    figure = get_figure(fig, "distribution")
+    spec, title = figure.spec, figure.title
+    style = resolve_style(style)
+    table = prepare_table(table)
+    data = distribution_data(spec, table, attack_paths)
+    if data.empty:
+        notice_figure(fig, title, f"no image was fooled by {spec.attack} (or it did not run)", style, png, pdf)
+        return
+    classes = [c for c in ARCH_CLASSES if (data["arch_class"] == c).any()]
+    kinds = [k for k in MARKERS if (data["training"] == k).any()]
+    palette = dict(zip(kinds, sns.color_palette("colorblind", len(kinds))))
+    with plt.rc_context(_rc(style)):
+        width = max(style["figsize"][0], 3.4 * len(spec.values))
+        figure, axes = plt.subplots(1, len(spec.values), figsize=(width, style["figsize"][1]), layout="constrained",
+                                    squeeze=False)  # fmt: skip
+        for ax, (column, label) in zip(axes[0], spec.values):
+            values = data.dropna(subset=[column])
+            sns.violinplot(data=values, x="arch_class", y=column, hue="training", order=classes, hue_order=kinds,
+                           palette=palette, cut=0, inner="quart", density_norm="width", linewidth=0.7, ax=ax,
+                           legend=ax is axes[0][-1])  # fmt: skip
+            ax.set_xlabel("Architecture class")
+            ax.set_ylabel(label)
+            ax.grid(True, axis="y", color="0.92", lw=0.6, zorder=0)
+            ax.set_axisbelow(True)
+            groups = values.groupby(["arch_class", "training"])
+            counts = ", ".join(f"{a}/{k}: {len(g)} img, {g['model'].nunique()} mod"
+                               for (a, k), g in groups if len(g))  # fmt: skip
+            log.info("%s %s: %s", fig, column, counts)
+        legend = axes[0][-1].get_legend()
+        if legend is not None:
+            legend.set_title("Training")
+            for text in legend.get_texts():
+                text.set_text(KIND_LABELS.get(text.get_text(), text.get_text()))
+            legend.set_bbox_to_anchor((1.01, 0.5))
+            legend.set_loc("center left")
+            legend.set_frame_on(False)
+        n_censored = int(data["censored"].sum())
+        figure.suptitle(f"{title}\n{len(data)} fooled images of {data['model'].nunique()} models", x=0.01, ha="left",
+                        fontsize=style["font_size"] + 1)  # fmt: skip
+        note = (f"Pixels in [0, 1] (x 255 for the paper's scale). {spec.attack}: {n_censored} censored image(s) (fooled "
+                "at the lower bound) left out of tolerances; violins are cut at the data, lines mark quartiles.")
+        figure.supxlabel(note, fontsize=style["font_size"] - 2, color="0.35", ha="left", x=0.01)
         save_figure(figure, png, pdf, style["dpi"])

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.stats import rankdata
 
 LAYOUTS = ("auto", "NCHW", "NHWC")
 
@@ -52,6 +51,31 @@ def perturbation_map(perturbation, map_shape: tuple[int, int] | None = None, lay
     return np.abs(delta.mean(axis=channel_axis))
 
 
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """Row-wise ranks 1..M of a float [N, M] array, ties sharing their average rank (as
+    scipy.stats.rankdata's "average"); a row holding a NaN is all NaN. Plain numpy, so an
+    attack job does not pay scipy's import."""
+    n, m = x.shape
+    order = np.argsort(x, axis=1)  # ties share one average rank, so stability is not needed
+    ordered = np.take_along_axis(x, order, axis=1)
+    starts_group = np.ones((n, m), dtype=bool)
+    starts_group[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    # Tie groups are contiguous runs of the sorted rows and every row starts a new one, so the
+    # flattened runs never cross rows: one run length per group, one average rank per group.
+    flat_order = (order + np.arange(n)[:, None] * m).ravel()
+    ranks = np.empty(n * m, dtype=np.float64)
+    if starts_group.all():  # no ties (the usual case for continuous maps): ranks are positions
+        ranks[flat_order] = np.tile(np.arange(1.0, m + 1.0), n)
+    else:
+        starts = np.flatnonzero(starts_group)
+        lengths = np.diff(np.append(starts, n * m))
+        average = starts % m + (lengths + 1) / 2.0
+        ranks[flat_order] = average[np.cumsum(starts_group.ravel()) - 1]
+    ranks = ranks.reshape(n, m)
+    ranks[np.isnan(x).any(axis=1)] = np.nan
+    return ranks
+
+
 def rowwise_spearman(a, b) -> np.ndarray:
     """Spearman ρ between matching rows of ``a`` and ``b`` (each [N, ...], flattened per row).
 
@@ -68,8 +92,8 @@ def rowwise_spearman(a, b) -> np.ndarray:
         raise ValueError(f"per-row sizes differ: {a.shape[1]} vs {b.shape[1]}")
     if a.shape[0] == 0:
         return np.zeros(0, dtype=np.float64)
-    ranks_a = rankdata(a, method="average", axis=1, nan_policy="propagate")
-    ranks_b = rankdata(b, method="average", axis=1, nan_policy="propagate")
+    ranks_a = average_ranks(a)
+    ranks_b = average_ranks(b)
     ranks_a -= ranks_a.mean(axis=1, keepdims=True)
     ranks_b -= ranks_b.mean(axis=1, keepdims=True)
     covariance = (ranks_a * ranks_b).sum(axis=1)

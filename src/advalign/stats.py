@@ -42,7 +42,14 @@ import pandas as pd
 from scipy import stats as sps
 
 from .attacks.registry import attack_names, get_attack
-from .columns import ARCH_CLASSES, ATTACK_COLUMNS, MODEL_ATTACK_COLUMNS, TEST_KEYS, TRAINING_KINDS
+from .columns import (
+    ARCH_CLASSES,
+    ATTACK_COLUMNS,
+    MODEL_ATTACK_COLUMNS,
+    RELIANCE_IN_MODEL_TABLE,
+    TEST_KEYS,
+    TRAINING_KINDS,
+)
 from .io import PipelineError, read_json, require_file
 from .metrics import mean_and_se
 
@@ -226,14 +233,34 @@ def _check_zoo_rows(zoo_rows) -> dict[str, dict]:
     return rows
 
 
-def build_model_table(zoo_rows: list[dict], attack_paths: list[str], metrics_paths: list[str]) -> pd.DataFrame:
+def _read_reliance(path) -> dict[str, dict]:
+    """model -> RELIANCE_IN_MODEL_TABLE values, from results/stats/cue_reliance.csv (RELIANCE_COLUMNS)."""
+    if path is None:
+        return {}
+    path = require_file(path, "cue reliance table")
+    frame = pd.read_csv(path)
+    missing = [c for c in ("model", *RELIANCE_IN_MODEL_TABLE) if c not in frame.columns]
+    if missing:
+        raise PipelineError(f"{path}: missing column(s) {', '.join(missing)}")
+    if frame["model"].duplicated().any():
+        raise PipelineError(f"{path}: model {frame.loc[frame['model'].duplicated(), 'model'].iloc[0]!r} appears twice")
+    return {str(r["model"]): {c: _float_or_nan(r[c]) for c in RELIANCE_IN_MODEL_TABLE} for _, r in frame.iterrows()}
+
+
+def build_model_table(zoo_rows: list[dict], attack_paths: list[str], metrics_paths: list[str],
+                      reliance_path=None) -> pd.DataFrame:  # fmt: skip
     """One row per model x attack present (MODEL_ATTACK_COLUMNS), in zoo order then attack order.
 
     Accuracy is the pipeline's held-out accuracy where the model was trained here
-    (metrics.json), else the zoo's published top-1; both in percent.
+    (metrics.json), else the zoo's published top-1; both in percent. ``reliance_path``
+    (synthetic data): the measured cue reliance per model (advalign.reliance), else NaN.
     """
     zoo = _check_zoo_rows(zoo_rows)
     accuracies = _read_accuracies(metrics_paths)
+    reliance = _read_reliance(reliance_path)
+    unmeasured = sorted(set(zoo) - set(reliance)) if reliance_path is not None else []
+    if unmeasured:
+        raise PipelineError(f"{reliance_path}: no cue reliance for model(s) {', '.join(unmeasured)}")
     unknown = sorted(set(accuracies) - set(zoo))
     if unknown:
         raise PipelineError(f"metrics for model(s) not in the zoo: {', '.join(unknown)}")
@@ -259,6 +286,7 @@ def build_model_table(zoo_rows: list[dict], attack_paths: list[str], metrics_pat
                 "robust_eps": _float_or_nan(row["robust_eps"]),
                 "accuracy": accuracy,
                 **summarize_attack(frame),
+                **reliance.get(model, dict.fromkeys(RELIANCE_IN_MODEL_TABLE, math.nan)),
             }
         )
     table = pd.DataFrame(records, columns=list(MODEL_ATTACK_COLUMNS))
@@ -609,6 +637,30 @@ def _descriptive_tests(table) -> list[dict]:
     return tests
 
 
+RELIANCE_SET = "every model with a measured cue reliance (synthetic data; standard, harmonized, control, robust)"
+
+
+def _validation_tests(table) -> list[dict]:
+    """Beyond the paper: does adversarial alignment recover the measured reliance on the
+    human-marked part (the synthetic world's known answer, advalign.reliance)?"""
+    reliance_label = "part reliance (cue-conflict decisions following the part, fraction)"
+    align_label = "l2-PGD alignment (mean Spearman rho)"
+    if table["part_reliance"].isna().all():
+        reason = "no measured cue reliance (the synthetic benchmark's cue-conflict set only)"
+        return [
+            _result("rho_alignment_part_reliance", "spearman", reason=reason, model_set=RELIANCE_SET),
+            _result("rho_accuracy_part_reliance", "spearman", reason=reason, model_set=STANDARD_SET),
+        ]
+    reliance = scores(table, "pgd_l2", "part_reliance")
+    return [
+        spearman_test("rho_alignment_part_reliance", reliance, scores(table, "pgd_l2", "alignment"), RELIANCE_SET,
+                      reliance_label, align_label),
+        spearman_test("rho_accuracy_part_reliance", scores(table, "pgd_l2", "accuracy", "standard"),
+                      scores(table, "pgd_l2", "part_reliance", "standard"), STANDARD_SET, "accuracy (%)",
+                      reliance_label),
+    ]  # fmt: skip
+
+
 def run_tests(table: pd.DataFrame, attack_paths) -> list[dict]:
     """Every test of docs/methods.md §5, as dicts with TEST_KEYS. Too few models gives NaN with a reason, never an error."""
     table = prepare_table(table)
@@ -620,6 +672,7 @@ def run_tests(table: pd.DataFrame, attack_paths) -> list[dict]:
     tests += _cw_tests(table)
     tests += _derived_tests(table, images)
     tests += _descriptive_tests(table)
+    tests += _validation_tests(table)
     for test in tests:
         if test["detail"].get("reason"):
             log.warning("%s: not computed (%s)", test["name"], test["detail"]["reason"])

@@ -50,6 +50,8 @@ def read_zoo_table(path: str | Path) -> pd.DataFrame:
             data_config_overrides(row)
         except PipelineError as exc:
             raise PipelineError(f"{where}: {exc}") from None
+        if row["epochs"] and not (row["epochs"].isdigit() and int(row["epochs"]) >= 1):
+            raise PipelineError(f"{where}: epochs {row['epochs']!r} is not a whole number >= 1 ('' = training.epochs)")
         if row["checkpoint_keys"] and not row["checkpoint"]:
             raise PipelineError(f"{where}: checkpoint_keys {row['checkpoint_keys']!r} given without a checkpoint")
     return table
@@ -102,6 +104,7 @@ def load_zoo(config: dict) -> pd.DataFrame:
             base_model=spec["base_model"],
             harmonizer_lambda=spec.get("harmonizer_lambda", ""),
             robust_eps=spec.get("robust_eps", ""),
+            epochs="",  # a fine-tune: training.finetune_epochs, or the derived entry's own epochs
             top1="",
             top1_source="",
             checkpoint="",  # trained by the pipeline: nothing to import

@@ -124,6 +124,10 @@ def training_params(wildcards):
     """The training recipe of one model: its zoo row, shared hyperparameters, its own overrides."""
     row = model_row(wildcards.model)
     recipe = dict(config["training"])
+    if row["training"] == "standard" and row.get("epochs"):
+        recipe["epochs"] = int(
+            row["epochs"]
+        )  # the zoo table's own budget for this model
     if row["training"] != "standard":
         spec = derived_spec(config, wildcards.model)
         recipe["epochs"] = spec.get("epochs", recipe["finetune_epochs"])

@@ -88,3 +88,35 @@ for entry in figures_of_kind("qualitative"):
             n_models=config["figures"]["qualitative_models"],
         script:
             "../scripts/qualitative_figure.py"
+
+
+for entry in figures_of_kind("distribution"):
+    fig = entry.id
+    shown = entry.spec.attack
+
+    rule:
+        name:
+            f"figure_{fig}"
+        input:
+            table="results/stats/model_attack_table.csv",
+            attacks=[
+                f"results/attacks/{shown}/{m}.parquet" for m in attack_models(shown)
+            ],
+        output:
+            png=report(
+                f"figures/{fig}.png",
+                caption=f"../../{entry.caption}",
+                category="Figures",
+            ),
+            pdf=f"figures/{fig}.pdf",
+        log:
+            f"logs/figures/{fig}.log",
+        localrule: True
+        conda:
+            "../../envs/plotting.yaml"
+        params:
+            code=code_version("distribution_figure.py"),
+            figure=fig,
+            style=figure_style(fig),
+        script:
+            "../scripts/distribution_figure.py"

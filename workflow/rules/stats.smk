@@ -5,8 +5,10 @@
 
 rule model_table:
     input:
+        **({"reliance": "results/stats/cue_reliance.csv"} if SYNTHETIC else {}),
         attacks=attack_outputs("parquet"),
         metrics=model_metrics(),
+        # synthetic data: the measured cue reliance of every model (rule cue_reliance)
     output:
         report(
             "results/stats/model_attack_table.csv",
@@ -104,3 +106,30 @@ rule table_s2:
         code=code_version("table_s2.py"),
     script:
         "../scripts/table_s2.py"
+
+
+if SYNTHETIC:
+
+    rule cue_reliance:
+        # The known answer of the synthetic world: which cue each model's decisions follow
+        # (cue-conflict set) and what occluding either cue costs (advalign.reliance).
+        input:
+            weights=[model_weights(m) for m in MODELS],
+            conflict="results/data/conflict.npz",
+            stimuli="results/data/stimuli.npz",
+        output:
+            report(
+                "results/stats/cue_reliance.csv",
+                caption="../report/cue_reliance.rst",
+                category="Tables",
+            ),
+        log:
+            "logs/stats/cue_reliance.log",
+        conda:
+            "../../envs/torch.yaml"
+        params:
+            code=code_version("cue_reliance.py"),
+            zoo=[model_row(m) for m in MODELS],
+            device=config["device"],
+        script:
+            "../scripts/cue_reliance.py"

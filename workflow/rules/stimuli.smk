@@ -8,6 +8,7 @@ if SYNTHETIC:
             train="results/data/train.npz",
             heldout="results/data/heldout.npz",
             stimuli="results/data/stimuli.npz",
+            conflict="results/data/conflict.npz",
             classes="results/data/classes.csv",
             manifest="results/data/stimuli_manifest.csv",
         log:
@@ -66,6 +67,7 @@ else:
             class_table=str(CLASS_TABLE_PATH),
         output:
             stimuli="results/data/stimuli.npz",
+            conflict="results/data/conflict.npz",
             classes="results/data/classes.csv",
             manifest="results/data/stimuli_manifest.csv",
         log:

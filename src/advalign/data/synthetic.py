@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from ..columns import CLASS_COLUMNS, MANIFEST_COLUMNS, SPLITS, SPLIT_ARRAYS
+from ..columns import CLASS_COLUMNS, CONFLICT_ARRAYS, CONFLICT_SPLIT, MANIFEST_COLUMNS, SPLITS, SPLIT_ARRAYS
 from ..io import PipelineError, atomic_path, write_table
 
 ANIMATE_NAMES = (
@@ -54,18 +54,22 @@ _WORLD_SEED = 20230711
 _GLYPH_CELLS = 3  # glyphs are 3 x 3 cells (dark ink on a light "skin" square)
 _PART_FRACTION = 0.3  # the part's side as a fraction of the image side
 _CONTEXT_KINDS = ("horizontal", "vertical", "plaid", "diamond")  # all mirror-invariant up to phase
-_SPLIT_PREFIX = {"train": "train", "heldout": "heldout", "stimuli": "stim"}
-_OUTPUT_KEYS = ("train", "heldout", "stimuli", "classes", "manifest")
+_SPLIT_PREFIX = {"train": "train", "heldout": "heldout", "stimuli": "stim", "conflict": "conflict"}
+_OUTPUT_KEYS = ("train", "heldout", "stimuli", "conflict", "classes", "manifest")
 SPEC_DEFAULTS = {
     "n_classes": 10,
     "image_size": 32,
     "train_per_class": 300,
     "heldout_per_class": 50,
     "stimuli_per_class": 10,
-    "context_agreement": 0.8,
+    "part_agreement": 0.7,
+    "part_tint": 1.0,
+    "context_agreement": 0.95,
+    "context_tint": 0.0,
+    "conflict_per_class": 30,
     "map_fraction": 1.0,
     "map_blur_sigma": 2.0,
-    "context_contrast": 0.2,
+    "context_contrast": 0.05,
     "noise_std": 0.03,
 }
 
@@ -164,16 +168,21 @@ def _gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
     return np.stack([np.convolve(col, taps, mode="valid") for col in rows.T], axis=1)
 
 
-def render_image(label: int, context_class: int, rng: np.random.Generator, world: dict, spec: dict):
-    """Returns (image float32 [S, S, 3] in [0, 1], human map float32 [S, S] max-normalised)."""
+def render_image(label: int, context_class: int, rng: np.random.Generator, world: dict, spec: dict,
+                 part_class: int | None = None):  # fmt: skip
+    """Returns (image float32 [S, S, 3] in [0, 1], human map float32 [S, S] max-normalised).
+
+    ``label`` decides the body (animate or not), ``part_class`` the glyph on the part (the
+    label's own by default) and ``context_class`` the background texture."""
     size = spec["image_size"]
-    glyph = world["glyphs"][label]
+    glyph = world["glyphs"][label if part_class is None else part_class]
     animate = bool(world["animate"][label])
     context = world["contexts"][context_class]
 
     # Background: class-correlated context texture over a tinted, random-luminance base.
     luminance = rng.uniform(0.35, 0.65)
-    base = luminance * (0.6 + 0.4 * context["tint"])
+    tint = float(spec["context_tint"])
+    base = luminance * (1.0 - tint + tint * context["tint"])
     texture = _texture(context["kind"], context["cycles"], size, tuple(rng.uniform(0, 2 * math.pi, 2)))
     contrast = spec["context_contrast"] * rng.uniform(0.8, 1.2)
     image = base[None, None, :] + contrast * texture[:, :, None]
@@ -202,7 +211,10 @@ def render_image(label: int, context_class: int, rng: np.random.Generator, world
     left = int(np.clip(round(cx + rng.uniform(-0.5, 0.5) * half_w - part / 2), 1, size - part - 1))
     top = int(np.clip(round(cy - half_h - 0.6 * part), 1, size - part - 1))
     # Light skin, dark ink: one polarity, so a glyph is one pattern to learn, not two.
-    skin = np.clip(0.55 + 0.45 * body_colour + rng.normal(0.0, 0.03, 3), 0.0, 1.0)
+    # The skin mixes a body-derived colour with the part class's own colour (part_tint).
+    part_colour = world["contexts"][label if part_class is None else part_class]["tint"]
+    own = float(spec["part_tint"])
+    skin = np.clip(0.55 + 0.45 * ((1.0 - own) * body_colour + own * part_colour) + rng.normal(0.0, 0.03, 3), 0.0, 1.0)
     ink = np.clip(0.1 + rng.normal(0.0, 0.04, 3), 0.0, 1.0)
     glyph_pixels = np.kron(glyph, np.ones((cell, cell), dtype=bool))
     patch = np.where(glyph_pixels[:, :, None], ink[None, None, :], skin[None, None, :])
@@ -233,10 +245,10 @@ def _check_spec(spec: dict) -> dict:
         raise PipelineError(f"data.synthetic.n_classes must be >= 2, got {spec['n_classes']}")
     if int(spec["image_size"]) < 32:
         raise PipelineError(f"data.synthetic.image_size must be >= 32, got {spec['image_size']}")
-    for key in ("train_per_class", "heldout_per_class", "stimuli_per_class"):
+    for key in ("train_per_class", "heldout_per_class", "stimuli_per_class", "conflict_per_class"):
         if int(spec[key]) < 1:
             raise PipelineError(f"data.synthetic.{key} must be >= 1, got {spec[key]}")
-    for key in ("context_agreement", "map_fraction"):
+    for key in ("part_agreement", "part_tint", "context_agreement", "context_tint", "map_fraction"):
         if not 0.0 <= float(spec[key]) <= 1.0:
             raise PipelineError(f"data.synthetic.{key} must be in [0, 1], got {spec[key]}")
     for key in ("map_blur_sigma",):
@@ -258,20 +270,48 @@ def _world(n_classes: int) -> dict:
     }
 
 
+def _other_class(rng: np.random.Generator, classes: np.ndarray, n_classes: int) -> np.ndarray:
+    """A class other than ``classes``, uniformly at random."""
+    return ((classes + rng.integers(1, n_classes, len(classes))) % n_classes).astype(np.int64)
+
+
+def _cue_classes(split: str, spec: dict, seed: int, split_code: int, n_classes: int, per_class: int):
+    """(label, body class, part class, context class) per image of ``split``, and the split's
+    generator (it goes on to draw the map flags).
+
+    Ordinary splits: the body always shows the label; the context shows it on
+    ``context_agreement`` of the images and the part on ``part_agreement``, each otherwise
+    another class. The part draws from its own generator, so the labels and contexts (and so,
+    with ``part_agreement`` 1, ``part_tint`` 0 and ``context_tint`` 0.4, the first demo world's
+    files) do not depend on it. ``conflict``: the part shows the label and the context another
+    class on every image, and the body follows one of the two at random, so that it favours
+    neither cue."""
+    n = n_classes * per_class
+    split_rng = np.random.default_rng([seed, split_code, 0])
+    labels = split_rng.permutation(np.repeat(np.arange(n_classes, dtype=np.int64), per_class))
+    if split == CONFLICT_SPLIT:
+        context = _other_class(split_rng, labels, n_classes)
+        body = np.where(split_rng.random(n) < 0.5, labels, context).astype(np.int64)
+        return labels, body, labels.copy(), context, split_rng
+    context_agrees = split_rng.random(n) < spec["context_agreement"]
+    context = np.where(context_agrees, labels, _other_class(split_rng, labels, n_classes))
+    part_rng = np.random.default_rng([seed, split_code, 2])
+    part_agrees = part_rng.random(n) < spec["part_agreement"]
+    part = np.where(part_agrees, labels, _other_class(part_rng, labels, n_classes))
+    return labels, labels.copy(), part.astype(np.int64), context.astype(np.int64), split_rng
+
+
 def generate_split(split: str, spec: dict, seed: int, world: dict | None = None, progress=None) -> dict:
-    """Arrays of one split (SPLIT_ARRAYS) plus ``context`` (the class each background was drawn from)."""
+    """Arrays of one split (SPLIT_ARRAYS) plus ``part`` and ``context``: the class each image's
+    part glyph and background texture were drawn from. ``split`` is one of SPLITS or
+    ``conflict`` (the cue-conflict test set, CONFLICT_ARRAYS)."""
     spec = _check_spec(spec)
     n_classes, size = int(spec["n_classes"]), int(spec["image_size"])
     world = world or _world(n_classes)
     per_class = int(spec[f"{split}_per_class"])
     n = n_classes * per_class
-    split_code = SPLITS.index(split)
-    split_rng = np.random.default_rng([seed, split_code, 0])
-    labels = split_rng.permutation(np.repeat(np.arange(n_classes, dtype=np.int64), per_class))
-    # Context: the image's own class on context_agreement of images, otherwise another class at random.
-    agrees = split_rng.random(n) < spec["context_agreement"]
-    offsets = split_rng.integers(1, n_classes, n)
-    context = np.where(agrees, labels, (labels + offsets) % n_classes).astype(np.int64)
+    split_code = (*SPLITS, CONFLICT_SPLIT).index(split)
+    labels, body, part, context, split_rng = _cue_classes(split, spec, seed, split_code, n_classes, per_class)
     has_map = np.ones(n, dtype=bool)
     if split == "train":
         n_maps = int(round(spec["map_fraction"] * n))
@@ -283,14 +323,15 @@ def generate_split(split: str, spec: dict, seed: int, world: dict | None = None,
     for i in range(n):
         # One generator per image: an image never depends on how many came before it.
         image_rng = np.random.default_rng([seed, split_code, 1, i])
-        image, human_map = render_image(int(labels[i]), int(context[i]), image_rng, world, spec)
+        image, human_map = render_image(int(body[i]), int(context[i]), image_rng, world, spec, part_class=int(part[i]))
         images[i] = np.round(image * 255.0).astype(np.uint8)
         if has_map[i]:
             maps[i] = human_map
         if progress is not None:
             progress.update(1)
     ids = np.array([f"{_SPLIT_PREFIX[split]}_{i:05d}" for i in range(n)])
-    return {"images": images, "labels": labels, "maps": maps, "has_map": has_map, "ids": ids, "context": context}
+    return {"images": images, "labels": labels, "maps": maps, "has_map": has_map, "ids": ids, "part": part,
+            "context": context}  # fmt: skip
 
 
 def save_npz_reproducibly(path, arrays: dict) -> None:
@@ -315,11 +356,13 @@ def write_synthetic_dataset(spec: dict, seed: int, outputs: dict) -> None:
     spec = _check_spec(dict(spec))
     world = _world(int(spec["n_classes"]))
     classes = world["classes"]
-    total = sum(int(spec[f"{split}_per_class"]) for split in SPLITS) * int(spec["n_classes"])
+    splits = (*SPLITS, CONFLICT_SPLIT)
+    total = sum(int(spec[f"{split}_per_class"]) for split in splits) * int(spec["n_classes"])
     with tqdm(total=total, desc="synthetic images", unit="img", mininterval=1.0) as progress:
-        for split in SPLITS:
+        for split in splits:
             arrays = generate_split(split, spec, seed, world=world, progress=progress)
-            save_npz_reproducibly(outputs[split], {name: arrays[name] for name in SPLIT_ARRAYS})
+            names = CONFLICT_ARRAYS if split == CONFLICT_SPLIT else SPLIT_ARRAYS
+            save_npz_reproducibly(outputs[split], {name: arrays[name] for name in names})
             if split == "stimuli":
                 names = classes["class_name"].to_numpy()
                 manifest = pd.DataFrame(
