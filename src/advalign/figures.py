@@ -710,5 +710,7 @@ def distribution_figure(fig: str, table: pd.DataFrame, attack_paths, style: dict
                         fontsize=style["font_size"] + 1)  # fmt: skip
         note = (f"Pixels in [0, 1] (x 255 for the paper's scale). {spec.attack}: {n_censored} censored image(s) (fooled "
                 "at the lower bound) left out of tolerances; violins are cut at the data, lines mark quartiles.")
-        figure.supxlabel(note, fontsize=style["font_size"] - 2, color="0.35", ha="left", x=0.01)
+        width_chars = int(width * 72 / (0.55 * (style["font_size"] - 2)))
+        figure.supxlabel(textwrap.fill(note, width_chars), fontsize=style["font_size"] - 2, color="0.35", ha="left",
+                         x=0.01)  # fmt: skip
         save_figure(figure, png, pdf, style["dpi"])

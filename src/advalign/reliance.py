@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from .columns import CONFLICT_ARRAYS, RELIANCE_COLUMNS
+from .columns import CONFLICT_ARRAYS, RELIANCE_COLUMNS, SPLIT_ARRAYS
 from .io import PipelineError, require_file
 from .models import attacked_model
 
@@ -37,23 +37,34 @@ OCCLUSION_THRESHOLD = 0.5  # human map (max-normalised to 1) at or above this = 
 OCCLUSION_SEED = 20240229
 
 
-def load_conflict_set(path) -> dict:
-    """The cue-conflict NPZ (columns.CONFLICT_ARRAYS), checked."""
-    path = require_file(path, "cue-conflict set")
+def _load_arrays(path, names, what: str) -> dict:
+    path = require_file(path, what)
     try:
         with np.load(path, allow_pickle=False) as npz:
-            missing = [k for k in CONFLICT_ARRAYS if k not in npz.files]
+            missing = [k for k in names if k not in npz.files]
             if missing:
-                raise PipelineError(f"{path}: missing array(s) {', '.join(missing)} (expected {', '.join(CONFLICT_ARRAYS)})")
-            data = {k: npz[k] for k in CONFLICT_ARRAYS}
+                raise PipelineError(f"{path}: missing array(s) {', '.join(missing)} (expected {', '.join(names)})")
+            data = {k: npz[k] for k in names}
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise PipelineError(f"{path}: not a readable NPZ file ({exc})") from None
     n = len(data["images"])
-    if n == 0 or any(len(data[k]) != n for k in ("part", "context")):
-        raise PipelineError(f"{path}: images, part and context must have one entry per image (got {n} images)")
+    if n == 0 or any(len(data[k]) != n for k in names):
+        raise PipelineError(f"{path}: {', '.join(names)} must have one entry per image (got {n} images)")
+    return data
+
+
+def load_conflict_set(path) -> dict:
+    """The cue-conflict NPZ (columns.CONFLICT_ARRAYS), checked."""
+    data = _load_arrays(path, CONFLICT_ARRAYS, "cue-conflict set")
     if (data["part"] == data["context"]).any():
         raise PipelineError(f"{path}: some images have part and context of the same class (not a conflict set)")
     return data
+
+
+def load_stimulus_set(path) -> dict:
+    """The stimuli NPZ (columns.SPLIT_ARRAYS), read here rather than through the attack code so
+    that an attack edit does not re-measure reliance (advalign.provenance)."""
+    return _load_arrays(path, SPLIT_ARRAYS, "stimulus file")
 
 
 @torch.no_grad()
@@ -125,10 +136,8 @@ def model_reliance(net, conflict: dict, stimuli: dict) -> dict:
 def reliance_table(zoo_rows: list[dict], weights_paths, conflict_path, stimuli_path, device="cpu") -> pd.DataFrame:
     """RELIANCE_COLUMNS, one row per model (in ``zoo_rows`` order); weights at
     ``results/models/{model}/weights.pt``."""
-    from .attacks.job import load_stimuli
-
     conflict = load_conflict_set(conflict_path)
-    stimuli = load_stimuli(stimuli_path)
+    stimuli = load_stimulus_set(stimuli_path)
     paths = {Path(p).parent.name: Path(p) for p in weights_paths}
     missing = [row["model"] for row in zoo_rows if row["model"] not in paths]
     if missing:

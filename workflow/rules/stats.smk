@@ -125,6 +125,8 @@ if SYNTHETIC:
             ),
         log:
             "logs/stats/cue_reliance.log",
+        # Seconds of CPU on the synthetic benchmark (the only data with a conflict set).
+        localrule: True
         conda:
             "../../envs/torch.yaml"
         params:
