@@ -111,10 +111,10 @@ def cue_scores(predictions: np.ndarray, part: np.ndarray, context: np.ndarray) -
     either = follows_part + follows_context
     return {
         "part_reliance": follows_part / either if either else math.nan,
-        "n_conflict": int(len(predictions)),
+        "n_conflict": len(predictions),
         "n_conflict_part": follows_part,
         "n_conflict_context": follows_context,
-        "n_conflict_other": int(len(predictions)) - either,
+        "n_conflict_other": len(predictions) - either,
     }
 
 
@@ -129,7 +129,7 @@ def model_reliance(net, conflict: dict, stimuli: dict) -> dict:
         "accuracy_stimuli": float((predict(net, images) == labels).mean()),
         "accuracy_part_occluded": float((predict(net, occluded(images, maps, inside=True)) == labels).mean()),
         "accuracy_context_occluded": float((predict(net, occluded(images, maps, inside=False)) == labels).mean()),
-        "n_stimuli": int(len(labels)),
+        "n_stimuli": len(labels),
     }
 
 

@@ -359,8 +359,8 @@ def _censoring_claims(table: pd.DataFrame) -> list[dict]:
 VALIDATION_CLAIMS = (
     ("rho_alignment_part_reliance", "validation: rho(measured part reliance, l2-PGD alignment), every model",
      +1, 0.7, 0.01),
-    ("rho_accuracy_part_reliance", "validation: rho(accuracy, measured part reliance), standard models "
-     "(the planted mechanism)", -1, 0.0, 0.05),
+    ("rho_accuracy_part_reliance",
+     "validation: rho(accuracy, measured part reliance), standard models (the planted mechanism)", -1, 0.0, 0.05),
 )  # fmt: skip
 
 

@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from ..columns import CLASS_COLUMNS, CONFLICT_ARRAYS, CONFLICT_SPLIT, MANIFEST_COLUMNS, SPLITS, SPLIT_ARRAYS
+from ..columns import CLASS_COLUMNS, CONFLICT_ARRAYS, CONFLICT_SPLIT, MANIFEST_COLUMNS, SPLIT_ARRAYS, SPLITS
 from ..io import PipelineError, atomic_path, write_table
 
 ANIMATE_NAMES = (
