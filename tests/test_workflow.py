@@ -45,7 +45,11 @@ def test_tables_follow_their_contracts(tiny_run):
         markdown = tiny_run.path(f"results/tables/{name}.md").read_text()
         assert markdown.count("|") > 2 * len(cols), name
     claims = pd.read_csv(tiny_run.path("results/tables/claims.csv"))
-    assert claims["paper_value"].notna().all()
+    beyond = claims["source"] == "beyond the paper"  # the validation rows: no paper value
+    assert claims.loc[~beyond, "paper_value"].notna().all() and claims.loc[beyond, "paper_value"].isna().all()
+    assert set(claims.loc[beyond, "claim"].str.split(":").str[0]) == {"validation"} and beyond.sum() == 2
+    reliance = pd.read_csv(tiny_run.path("results/stats/cue_reliance.csv"))
+    assert list(reliance.columns) == list(columns.RELIANCE_COLUMNS) and reliance["model"].is_unique
 
 
 def test_model_table_covers_every_model_and_attack(tiny_run):
