@@ -67,7 +67,6 @@ else:
             class_table=str(CLASS_TABLE_PATH),
         output:
             stimuli="results/data/stimuli.npz",
-            conflict="results/data/conflict.npz",
             classes="results/data/classes.csv",
             manifest="results/data/stimuli_manifest.csv",
         log:
