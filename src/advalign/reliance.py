@@ -30,6 +30,7 @@ from tqdm import tqdm
 from .columns import CONFLICT_ARRAYS, RELIANCE_COLUMNS, SPLIT_ARRAYS
 from .io import PipelineError, require_file
 from .models import attacked_model
+from .transforms import resize_and_crop
 
 log = logging.getLogger(__name__)
 
@@ -69,23 +70,21 @@ def load_stimulus_set(path) -> dict:
 
 @torch.no_grad()
 def predict(net, images: np.ndarray, batch_size: int = 250) -> np.ndarray:
-    """Class predictions of ``net`` (a NormalizedModel) on uint8 [N, H, W, 3] or float [0, 1] images."""
+    """Class predictions of ``net`` (a NormalizedModel) on uint8 [N, H, W, 3] or float [0, 1]
+    images, brought to the model's input through its data config as the attacks bring them
+    (advalign.transforms)."""
+    config = getattr(net, "data_config", None)
     predictions = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
         x = torch.from_numpy(np.ascontiguousarray(chunk)).permute(0, 3, 1, 2).float()
         if chunk.dtype == np.uint8:
             x = x / 255.0
-        x = _resize(x, net)
+        if config:
+            x = resize_and_crop(x, tuple(config["input_size"][-2:]), float(config.get("crop_pct", 1.0) or 1.0),
+                                config.get("interpolation", "bilinear")).clamp_(0.0, 1.0)  # fmt: skip
         predictions.append(net(x).argmax(1).cpu().numpy())
     return np.concatenate(predictions)
-
-
-def _resize(x: torch.Tensor, net) -> torch.Tensor:
-    size = (getattr(net, "data_config", None) or {}).get("input_size")
-    if size and tuple(x.shape[-2:]) != tuple(size[-2:]):
-        x = torch.nn.functional.interpolate(x, size=tuple(size[-2:]), mode="bilinear", align_corners=False)
-    return x
 
 
 def occluded(images: np.ndarray, maps: np.ndarray, inside: bool, seed: int = OCCLUSION_SEED) -> np.ndarray:
