@@ -504,7 +504,7 @@ def _image_labels(attack_paths, models, classes: pd.DataFrame) -> tuple[pd.DataF
     for model in models:
         if model not in by_model:
             raise PipelineError(f"no l2-PGD attack table for {model} among the figure's inputs")
-        frame = read_attack_file(by_model[model]).set_index("image_id")
+        frame = read_attack_file(by_model[model], check_registry=False).set_index("image_id")
         per_image[model] = frame[["l2", "alignment", "attacked", "success"]]
         labels = frame["label"] if labels is None else labels.combine_first(frame["label"])
     unknown = sorted(set(labels.astype(int)) - set(classes.index))
@@ -650,7 +650,8 @@ def distribution_data(spec, table: pd.DataFrame, attack_paths) -> pd.DataFrame:
         path = Path(raw)
         if path.parent.name != spec.attack:
             continue
-        frame = read_attack_file(path, columns=("image_id", "model", "success", "censored", *columns))
+        frame = read_attack_file(path, columns=("image_id", "model", "success", "censored", *columns),
+                                 check_registry=False)
         frame = frame[frame["success"]].copy()
         for column in set(columns) & {"l2", "linf", "epsilon"}:
             frame.loc[frame["censored"], column] = np.nan

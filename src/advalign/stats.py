@@ -41,7 +41,6 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from .attacks.registry import attack_names, get_attack
 from .columns import (
     ARCH_CLASSES,
     ATTACK_COLUMNS,
@@ -111,11 +110,13 @@ def dominated_by(points_x, points_y, front_x, front_y) -> np.ndarray:
 # --------------------------------------------------------------------------- reading stage files
 
 
-def read_attack_file(path, columns=None) -> pd.DataFrame:
+def read_attack_file(path, columns=None, check_registry: bool = True) -> pd.DataFrame:
     """Read one per-image attack Parquet and check it against the contract and its path.
 
     The path is ``.../{attack}/{model}.parquet``; the ``model`` and ``attack``
-    columns must name the same model and attack, once.
+    columns must name the same model and attack, once. ``check_registry``: the attack must
+    also be a registered one. The model table checks that; the figure and test jobs downstream
+    of the same files skip it, because the registry imports torch (seconds per job).
     """
     path = require_file(path, "attack table")
     try:
@@ -133,10 +134,13 @@ def read_attack_file(path, columns=None) -> pd.DataFrame:
             raise PipelineError(f"{path}: column {column!r} holds {len(found)} values ({', '.join(found[:3])})")
         if found[0] != expected:
             raise PipelineError(f"{path}: file is for {column} {found[0]!r} but its path says {expected!r}")
-    if frame["attack"].iloc[0] not in attack_names():
-        raise PipelineError(
-            f"{path}: unknown attack {frame['attack'].iloc[0]!r} (expected one of {', '.join(attack_names())})"
-        )
+    if check_registry:
+        from .attacks.registry import attack_names  # here, not at the top: see check_registry
+
+        if frame["attack"].iloc[0] not in attack_names():
+            raise PipelineError(
+                f"{path}: unknown attack {frame['attack'].iloc[0]!r} (expected one of {', '.join(attack_names())})"
+            )
     if frame["image_id"].duplicated().any():
         dup = frame.loc[frame["image_id"].duplicated(), "image_id"].iloc[0]
         raise PipelineError(f"{path}: image_id {dup!r} appears twice")
@@ -177,6 +181,8 @@ def summarize_attack(frame: pd.DataFrame) -> dict:
     attack = frame["attack"].iloc[0]
     successful = frame[frame["success"]]
     measured = successful[~successful["censored"]]
+    from .attacks.registry import get_attack
+
     tolerance_column = get_attack(attack).tolerance_column
     tolerance, tolerance_se, _ = mean_and_se(measured[tolerance_column])
     tolerance_l2, tolerance_l2_se, _ = mean_and_se(measured["l2"])
@@ -293,6 +299,8 @@ def build_model_table(zoo_rows: list[dict], attack_paths: list[str], metrics_pat
     if table.empty:
         return table
     zoo_order = {m: i for i, m in enumerate(zoo)}
+    from .attacks.registry import attack_names
+
     names = attack_names()
     table["_order"] = table["model"].map(zoo_order) * len(names) + table["attack"].map(names.index)
     return table.sort_values("_order").drop(columns="_order").reset_index(drop=True)
@@ -457,7 +465,8 @@ class _PerImage:
         if key not in self.cache:
             if key not in self.index:
                 raise PipelineError(f"no attack table for {model} x {attack} among the inputs")
-            frame = read_attack_file(self.index[key], columns=("image_id", "success", "l2", "linf", "alignment"))
+            frame = read_attack_file(self.index[key], columns=("image_id", "success", "l2", "linf", "alignment"),
+                                     check_registry=False)
             self.cache[key] = frame[frame["success"]].set_index("image_id")
         return self.cache[key][column].astype(float)
 
