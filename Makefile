@@ -17,6 +17,8 @@ env: $(STAMP)
 # adv-lib, the reference attacks) still imports pkg_resources in its setup.py.
 # uv installs the same pinned set as pip (checked with pip freeze: identical) in under a
 # minute where pip takes about four: torch's CUDA wheels are 6 GB unpacked.
+# --compile-bytecode: like pip, write the .pyc files while installing; a job would otherwise
+# compile torch afresh each time under PYTHONDONTWRITEBYTECODE.
 # `make env INSTALLER=pip` installs with pip instead.
 INSTALLER ?= uv
 UV_VERSION := 0.13.9
@@ -26,7 +28,7 @@ ifeq ($(INSTALLER),pip)
 	PIP_CONSTRAINT=$(CURDIR)/build-constraints.txt $(BIN)/pip install --quiet -e '.[test]'
 else
 	$(BIN)/pip install --quiet uv==$(UV_VERSION)
-	UV_BUILD_CONSTRAINT=$(CURDIR)/build-constraints.txt $(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[test]'
+	UV_BUILD_CONSTRAINT=$(CURDIR)/build-constraints.txt $(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -e '.[test]'
 endif
 	$(BIN)/python -c "import torch, torchvision, timm, snakemake; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__, 'snakemake', snakemake.__version__)"
 	touch $(STAMP)
