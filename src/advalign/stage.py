@@ -30,8 +30,7 @@ def set_threads(n: int | None) -> None:
     """
     if not n:
         return
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = str(n)
+    os.environ["OMP_NUM_THREADS"] = str(n)
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.set_num_threads(n)
@@ -44,16 +43,15 @@ def _is_snakemake_job(snakemake) -> bool:
     return type(snakemake).__module__.startswith("snakemake.")
 
 
-def _exit_now(sink) -> None:
+def _exit_now() -> None:
     """End a finished job's process without the interpreter's teardown.
 
     Every output is written and closed when ``main`` returns; what remains is Python freeing
     torch's modules one by one, ~2 s per job on 2 cores (111 jobs on the demo). Logs and
-    standard streams are flushed first, so nothing that was written is lost.
+    standard streams are flushed first (the job's log is closed already), so nothing that was
+    written is lost.
     """
     logging.shutdown()
-    if sink is not None:
-        sink.close()
     for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
         with contextlib.suppress(Exception):
             stream.flush()
@@ -84,11 +82,8 @@ def run(snakemake, main) -> None:
                 print(f"error: {exc}", file=real_stderr)
                 raise SystemExit(1) from None
             log.info("done in %.1f s", time.time() - started)
-    except BaseException:
+    finally:
         if sink is not None:
             sink.close()
-        raise
     if _is_snakemake_job(snakemake):
-        _exit_now(sink)
-    if sink is not None:
-        sink.close()
+        _exit_now()
