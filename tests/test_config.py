@@ -36,6 +36,7 @@ def test_default_config_is_valid_and_filled():
     [
         (lambda c: c["attacks"]["pgd_l2"].update(stpes=3), "attacks.pgd_l2: unknown key 'stpes'"),
         (lambda c: c.update(sed=1), "<top level>: unknown key 'sed'"),
+        (lambda c: c.update(cpu_kernels="avx512"), "cpu_kernels: 'avx512' is not one of ['avx2', 'native']"),
         (lambda c: c["training"].update(batch_size=0), "training.batch_size: 0 is less than the minimum of 1"),
         (lambda c: c["data"].update(kind="imagenet"), "data.kind: 'imagenet' is not one of"),
         (lambda c: c["attacks"].update(enabled=["pgd_l3"]), "attacks.enabled.0: 'pgd_l3' is not one of"),

@@ -139,6 +139,17 @@ def test_figure_style_replots_only_that_figure(tiny_run, tmp_path):
     assert_only(result, [], {"figure_fig2", "all"})
 
 
+def test_other_cpu_kernels_rerun_every_computation_and_no_stimuli(tiny_run, tmp_path):
+    config = tiny_config(tiny_run)
+    other = "native" if config["cpu_kernels"] == "avx2" else "avx2"
+    result = plan(tiny_run, tmp_path, {"cpu_kernels": other})
+    trained = sorted(p.parent.name for p in tiny_run.path("results/models").glob("*/metrics.json"))
+    expected = [("train", m, None) for m in trained] + [
+        ("attack", m, a) for a in config["attacks"]["enabled"] for m in attacked_models(tiny_run, a)
+    ]
+    assert_only(result, expected, AGGREGATE_RULES | RELIANCE_RULES)
+
+
 def test_new_model_runs_only_its_own_jobs_and_the_aggregates(tiny_run, tmp_path):
     config = tiny_config(tiny_run)
     source = tiny_run.path(config["zoo"]["table"])

@@ -53,6 +53,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed
+from .cpu_kernels import active_kernels
 from .columns import HISTORY_COLUMNS, TRAIN_METRICS_KEYS, TRAINING_KINDS
 from .data.training_sources import (
     ArraySource,
@@ -680,6 +681,7 @@ def _hash_spec(job, recipe, ctx, inputs) -> str:
             "recipe": {k: v for k, v in recipe.items() if k not in _NOT_HASHED},
             "seed": int(job.get("seed", 0)),
             "device": ctx.device.type,
+            "cpu_kernels": active_kernels() if ctx.device.type == "cpu" else None,
             "world_size": ctx.world_size,
             "inputs": [ckpt.file_identity(p) for p in inputs],
         }
@@ -705,6 +707,9 @@ def _train(ctx, tj: TrainJob):
     optimizer = make_optimizer(model, recipe)
     decay = weight_decay_convention(recipe)
     if ctx.is_main:
+        if ctx.device.type == "cpu":
+            log.info("%s: CPU kernels %s (config cpu_kernels: %s)", name, active_kernels(),
+                     job.get("cpu_kernels", "not set"))  # fmt: skip
         n_decayed = len(optimizer.param_groups[0]["params"])
         log.info("%s: weight decay %g on %d of %d parameter tensors (%s), %s", name, decay["value"], n_decayed,
                  n_decayed + len(optimizer.param_groups[1]["params"]), decay["params"], decay["form"])  # fmt: skip
@@ -769,6 +774,7 @@ def _train(ctx, tj: TrainJob):
         "world_size": ctx.world_size,
         "precision": precision,
         "device": ctx.device.type,
+        "cpu_kernels": active_kernels() if ctx.device.type == "cpu" else None,
     }
     assert all(key in metrics for key in TRAIN_METRICS_KEYS)
     if ctx.is_main:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from advalign.config import check_overrides_name_models, validate_config
+from advalign.cpu_kernels import pin as pin_cpu_kernels
 from advalign.models import check_models_build
 from advalign.io import PipelineError
 from advalign.zoo import derived_spec, load_zoo
@@ -19,6 +20,8 @@ try:
     _validated = validate_config(config, source="config")
     config.clear()
     config.update(_validated)
+    # Before any job imports torch: every job inherits the caps (advalign.cpu_kernels).
+    pin_cpu_kernels(config["cpu_kernels"])
     ZOO = load_zoo(config)
     # A per-model override for a model that is not in the zoo would silently do nothing.
     check_overrides_name_models(config, ZOO["model"])
@@ -116,6 +119,7 @@ def attack_params(wildcards):
         "keep_examples": attacks["keep_examples"],
         "precision": attacks["precision"],
         "device": config["device"],
+        "cpu_kernels": config["cpu_kernels"],
         "seed": config["seed"],
     }
 
@@ -138,6 +142,7 @@ def training_params(wildcards):
         "model": row,
         "recipe": recipe,
         "device": config["device"],
+        "cpu_kernels": config["cpu_kernels"],
         "seed": config["seed"],
     }
     if not SYNTHETIC:

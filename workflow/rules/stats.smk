@@ -133,5 +133,6 @@ if SYNTHETIC:
             code=code_version("cue_reliance.py"),
             zoo=[model_row(m) for m in MODELS],
             device=config["device"],
+            cpu_kernels=config["cpu_kernels"],
         script:
             "../scripts/cue_reliance.py"

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from ..columns import ATTACK_COLUMNS, EXAMPLE_ARRAYS, SPLIT_ARRAYS
+from ..cpu_kernels import active_kernels
 from ..device import resolve_device
 from ..io import PipelineError, require_file, save_npz, write_table
 from ..metrics import adversarial_alignment
@@ -134,6 +135,8 @@ def job_hash(job: dict, stimuli_path, weights_path, device: torch.device, precis
         # CPU kernels may round differently with another thread count; a resumed
         # job must reproduce an uninterrupted one bit for bit.
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        # and with other kernels (AVX2 / AVX-512: advalign.cpu_kernels).
+        "cpu_kernels": active_kernels() if device.type == "cpu" else None,
     }
     text = json.dumps(identity, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
