@@ -15,7 +15,8 @@ bisection step, through the same attacked function (same precision). On a GPU it
 achieved TFLOP/s against the device's peak.
 
 Images: with ``--zoo-row``, the photographs of config/photos_real.csv through the pipeline's
-own ClickMe preprocessing and the model's data config, plus their mirror images; each
+own ClickMe preprocessing and the model's data config, plus their mirror images, then (for
+``--images`` beyond twice the photos) seeded random crops of them (``photo_views``); each
 image's label is the model's own top-1, so every image is attacked. A speed-up is printed
 only when at least half of the images are fooled: a search that fools nothing measures
 nothing.
@@ -120,13 +121,42 @@ def real_model(args, device):
     model, meta = attacked_model(weights, row, device)
     photos = read_photo_table(args.photos)
     images, maps = zip(*(clickme_preprocess(*photo_arrays(p), image_size=256) for p in photos))
-    images, maps = np.stack(images), np.stack(maps)
-    images = np.concatenate([images, images[:, :, ::-1]])  # and their mirror images
-    maps = np.concatenate([maps, maps[:, :, ::-1]])
-    x, _ = model_view(images[: args.images], maps[: args.images], meta["data_config"])
+    images, maps = photo_views(np.stack(images), np.stack(maps), args.images, getattr(args, "seed", 0))
+    x, _ = model_view(images, maps, meta["data_config"])
     size = meta["data_config"]["input_size"][-1]
     what = f"{args.zoo_row} ({row['timm_name']}, real weights from {row['checkpoint'] or weights}) at {size} px"
     return model, x, what
+
+
+def photo_views(images: np.ndarray, maps: np.ndarray, n: int, seed: int = 0):
+    """``n`` views of the photos (uint8 [P, H, W, 3], as clickme_preprocess gives them) and their
+    maps: the photos, their mirror images, then (beyond 2P) seeded random square crops of 60-95 %
+    of the side, resized back to H (bilinear, antialiased, rounded to uint8) and mirrored at
+    random; view v's crop depends on (seed, v) only.
+    """
+    if images.dtype != np.uint8:
+        raise ValueError(f"photo_views: images must be uint8 [P, H, W, 3], got {images.dtype}")
+    photos, side = len(images), images.shape[1]
+    views = [images, images[:, :, ::-1]]
+    view_maps = [maps, maps[:, :, ::-1]]
+    resize = lambda a: torch.nn.functional.interpolate(  # noqa: E731
+        torch.from_numpy(np.ascontiguousarray(a)).float()[None], size=(side, side), mode="bilinear",
+        antialias=True, align_corners=False)[0]  # fmt: skip
+    crops, crop_maps = [], []
+    for v in range(max(0, n - 2 * photos)):
+        rng = np.random.default_rng((seed, v))
+        i, size = v % photos, int(side * rng.uniform(0.6, 0.95))
+        y0, x0 = rng.integers(0, side - size + 1, size=2)
+        image = resize(images[i, y0 : y0 + size, x0 : x0 + size].transpose(2, 0, 1)).numpy().transpose(1, 2, 0)
+        heat = resize(maps[i, y0 : y0 + size, x0 : x0 + size][None]).numpy()[0]
+        if rng.random() < 0.5:
+            image, heat = image[:, ::-1], heat[:, ::-1]
+        crops.append(np.clip(np.round(image), 0, 255).astype(np.uint8))
+        crop_maps.append(heat)
+    if crops:
+        views, view_maps = views + [np.stack(crops)], view_maps + [np.stack(crop_maps)]
+    return (np.ascontiguousarray(np.concatenate(views)[:n]),
+            np.ascontiguousarray(np.concatenate(view_maps)[:n], dtype=np.float32))  # fmt: skip
 
 
 def random_model(args):
@@ -163,7 +193,8 @@ def main(argv=None) -> int:
         "--timm-kwargs", default="{}", help='JSON for timm.create_model, e.g. \'{"patch_size": 4, "depth": 4}\''
     )
     parser.add_argument("--classes", type=int, default=None, help="output classes (default: 10 below 64 px, else 1000)")
-    parser.add_argument("--images", type=int, default=12, help="with --zoo-row at most 2 x the photos (mirrored)")
+    parser.add_argument("--images", type=int, default=12,
+                        help="with --zoo-row: the photos, their mirror images, then seeded random crops")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument(
         "--ref-images", type=int, default=None, help="images for the per-image loop (default: all on CPU, 100 on CUDA)"

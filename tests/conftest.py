@@ -15,7 +15,15 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+
+from advalign.cpu_kernels import pin
+
+# The workflow runs its jobs with the default config's kernel caps (cpu_kernels: avx2); tests that
+# recompute a job's numbers in this process must use the same kernels, and the caps are read when
+# torch loads, so they are set before torch is imported here.
+pin("avx2")
+
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -62,6 +62,15 @@ def test_torch_started_with_the_caps_runs_avx2_kernels():
     assert _torch_kernels(env) == "AVX2", f"native kernels here: {native}"
 
 
+@pytest.mark.skipif(not X86_WITH_AVX2, reason="needs an x86-64 CPU with AVX2")
+def test_tests_recompute_with_the_kernels_the_workflow_jobs_use():
+    # Tests that recompute a job's numbers in this process (test_real_models) compare them at
+    # rtol 1e-6: on an AVX-512 machine they differ when this process runs native kernels.
+    import torch
+
+    assert torch.backends.cpu.get_cpu_capability() == "AVX2"
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not X86_WITH_AVX2, reason="needs an x86-64 CPU with AVX2")
 def test_every_training_job_of_a_workflow_run_recorded_avx2(tiny_run):

@@ -94,3 +94,29 @@ def test_adv_lib_references_are_minimal_norm_attacks(fn, images, name):
     again = attack.run(fn, x, y, config, batch_size=8, keys=np.arange(8))  # another batching, same seeds
     if name != "apgd_l2":  # deterministic attacks: batch-independent results
         np.testing.assert_allclose(again.epsilon, result.epsilon, rtol=1e-4)
+
+
+def test_benchmark_photo_views_are_photos_mirrors_then_seeded_crops():
+    """The real-model benchmarks' images beyond the 12 photos are seeded crops, the same each run."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from attack_speed import photo_views
+
+    rng = np.random.default_rng(1)
+    photos = rng.integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    maps = rng.random((3, 64, 64)).astype(np.float32)
+    images, heat = photo_views(photos, maps, 20, seed=0)
+    assert images.shape == (20, 64, 64, 3) and heat.shape == (20, 64, 64)
+    np.testing.assert_array_equal(images[:3], photos)
+    np.testing.assert_array_equal(images[3:6], photos[:, :, ::-1])
+    np.testing.assert_array_equal(heat[3:6], maps[:, :, ::-1])
+    crops = images[6:]
+    assert crops.dtype == np.uint8 and crops.std() > 0.5 * photos.std()  # pixel scale kept: not saturated
+    assert all(not np.allclose(c, v) for c in crops for v in images[:6])  # every crop is a new image
+    again, again_heat = photo_views(photos, maps, 20, seed=0)
+    np.testing.assert_array_equal(again, images)
+    np.testing.assert_array_equal(again_heat, heat)
+    assert not np.array_equal(photo_views(photos, maps, 20, seed=1)[0][6:], crops)
+    np.testing.assert_array_equal(photo_views(photos, maps, 4)[0], images[:4])  # fewer views: a prefix
