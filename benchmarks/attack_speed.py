@@ -121,7 +121,7 @@ def real_model(args, device):
     model, meta = attacked_model(weights, row, device)
     photos = read_photo_table(args.photos)
     images, maps = zip(*(clickme_preprocess(*photo_arrays(p), image_size=256) for p in photos))
-    images, maps = photo_views(np.stack(images), np.stack(maps), args.images, getattr(args, "seed", 0))
+    images, maps = photo_views(np.stack(images), np.stack(maps), args.images, args.seed)
     x, _ = model_view(images, maps, meta["data_config"])
     size = meta["data_config"]["input_size"][-1]
     what = f"{args.zoo_row} ({row['timm_name']}, real weights from {row['checkpoint'] or weights}) at {size} px"

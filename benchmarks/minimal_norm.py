@@ -144,18 +144,17 @@ def main(argv=None) -> int:
               f"{'' if error is None else f'{error:+.2%}' if name not in searches else f'{error:.2%}':>13} {scores[name]:>10.3f}   {describe}")  # fmt: skip
     full, lin = results["full-range 1 %"][0], results["linearised 1 %"][0]
     both = full.success & lin.success & ~full.censored & ~lin.censored
-    ratio = lin.epsilon / full.epsilon
-    within = both & (np.abs(ratio - 1) <= 0.01)
+    deviation = np.abs(lin.epsilon / full.epsilon - 1)
+    within = both & (deviation <= 0.01)
     print(f"linearised vs full-range: eps within 1 % on {int(within.sum())} of {int(both.sum())} images measured by both "
           f"({within.sum() / max(both.sum(), 1):.1%}); success {int(lin.success.sum())} vs {int(full.success.sum())}")  # fmt: skip
     others = [f"image {i}: {lin.epsilon[i]:.5g} vs {full.epsilon[i]:.5g}" for i in np.flatnonzero(both & ~within)]
     if others:
         print("  the others: " + "; ".join(others))
     numbers["linearised_within_1pct"] = float(within.sum() / max(both.sum(), 1))
-    deviation = np.abs(ratio[both] - 1)
-    if deviation.size:
-        print(f"  |eps ratio - 1|: median {np.median(deviation):.3%}, 99th percentile "
-              f"{np.quantile(deviation, 0.99):.3%}, max {deviation.max():.3%}")  # fmt: skip
+    if both.any():
+        print(f"  |eps ratio - 1|: median {np.median(deviation[both]):.3%}, 99th percentile "
+              f"{np.quantile(deviation[both], 0.99):.3%}, max {deviation[both].max():.3%}")  # fmt: skip
     numbers["epsilon"] = {name: [float(e) for e in result.epsilon] for name, (result, _, _) in results.items()
                           if name in searches}  # fmt: skip
     if full.success.mean() < MIN_FOOLED:
