@@ -8,7 +8,8 @@ beyond 12) seeded random crops of them (attack_speed.photo_views), through the
 pipeline's ClickMe preprocessing and the model's own data config (224-260 px for the
 EfficientNet-Lite rows); each image's label is the model's own top-1, so every image is
 attacked. For each search (the paper's 3-step ℓ2 PGD with the full-range bisection to 1 %,
-the linearised bracket to 1 %, the paper's absolute rule, and a fine full-range reference
+the default tree search to 1 %, the linearised secant search to 1 %, the paper's absolute
+rule, and a fine full-range reference
 with absolute threshold 1e-6) and for each adv_lib reference (FMN, DDN, ALMA, minimal APGD,
 with the pipeline's defaults of advalign.attacks.references), it prints: forward+backward
 passes per image, images/s, success rate, median ℓ2 of the examples found, the worst ε error
@@ -17,8 +18,8 @@ AttackBench's optimality score over all of them (advalign.metrics.optimality; di
 the ℓ2 norms of the examples found, inf where none; M = the largest distance any found). For
 a reference the "ε error" column is the signed extreme of its ℓ2 relative to the fine
 search's ε: negative where it found a smaller perturbation.
-For the linearised search it also prints the share of images whose ε lies within 1 % of the
-full-range search's, and lists the others.
+For the tree and the linearised search it also prints the share of images whose ε lies within
+1 % of the full-range search's (and is identical to it), and lists the others.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ from advalign.config import schema_defaults  # noqa: E402
 from advalign.metrics import optimality  # noqa: E402
 
 FINE_THRESHOLD = 1e-6
-SEARCHES = ("full-range 1 %", "linearised 1 %", "paper rule", "fine reference")
+SEARCHES = ("full-range 1 %", "tree 1 %", "linearised 1 %", "paper rule", "fine reference")
+CHEAP = ("tree 1 %", "linearised 1 %")  # compared with the full-range search
 
 
 def main(argv=None) -> int:
@@ -62,6 +64,8 @@ def main(argv=None) -> int:
     parser.add_argument("--references", default=",".join(REFERENCES), help="comma-separated; '' for none")
     parser.add_argument("--searches", default=",".join(SEARCHES),
                         help=f"comma-separated, of {', '.join(SEARCHES)}; the first two are always run")  # fmt: skip
+    parser.add_argument("--verify", type=float, default=None,
+                        help="the tree search's verify distance (default: the schema's)")  # fmt: skip
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -75,13 +79,16 @@ def main(argv=None) -> int:
     pgd = schema_defaults("pgd_l2")
     searches = {
         "full-range 1 %": PGDConfig(norm="l2", **{**pgd, "bracket": "full"}),
+        "tree 1 %": PGDConfig(norm="l2", **{**pgd, "bracket": "tree"}),
         "linearised 1 %": PGDConfig(norm="l2", **{**pgd, "bracket": "linearised"}),
         "paper rule": PGDConfig(norm="l2", **{**pgd, "bracket": "full", "stop": "absolute", "eps_min": 0.001}),
         "fine reference": PGDConfig(norm="l2", **{**pgd, "bracket": "full", "stop": "absolute",
                                                   "eps_min": 1e-7, "threshold": FINE_THRESHOLD}),
     }  # fmt: skip
     assert tuple(searches) == SEARCHES
-    wanted = set(filter(None, args.searches.split(","))) | {"full-range 1 %", "linearised 1 %"}
+    if args.verify is not None:
+        searches["tree 1 %"] = PGDConfig(norm="l2", **{**pgd, "bracket": "tree", "verify": args.verify})
+    wanted = set(filter(None, args.searches.split(","))) | {"full-range 1 %", "tree 1 %"}
     if wanted - set(SEARCHES):
         raise SystemExit(f"error: --searches: unknown {', '.join(sorted(wanted - set(SEARCHES)))}")
     searches = {name: config for name, config in searches.items() if name in wanted}
@@ -142,19 +149,23 @@ def main(argv=None) -> int:
         print(f"{name:<16} {row['passes_per_image']:>10.1f} {row['images_per_s']:>8.3f} {row['success_rate']:>8.0%} "
               f"{row['median_l2'] if row['median_l2'] is not None else float('nan'):>10.4f} "
               f"{'' if error is None else f'{error:+.2%}' if name not in searches else f'{error:.2%}':>13} {scores[name]:>10.3f}   {describe}")  # fmt: skip
-    full, lin = results["full-range 1 %"][0], results["linearised 1 %"][0]
-    both = full.success & lin.success & ~full.censored & ~lin.censored
-    deviation = np.abs(lin.epsilon / full.epsilon - 1)
-    within = both & (deviation <= 0.01)
-    print(f"linearised vs full-range: eps within 1 % on {int(within.sum())} of {int(both.sum())} images measured by both "
-          f"({within.sum() / max(both.sum(), 1):.1%}); success {int(lin.success.sum())} vs {int(full.success.sum())}")  # fmt: skip
-    others = [f"image {i}: {lin.epsilon[i]:.5g} vs {full.epsilon[i]:.5g}" for i in np.flatnonzero(both & ~within)]
-    if others:
-        print("  the others: " + "; ".join(others))
-    numbers["linearised_within_1pct"] = float(within.sum() / max(both.sum(), 1))
-    if both.any():
-        print(f"  |eps ratio - 1|: median {np.median(deviation[both]):.3%}, 99th percentile "
-              f"{np.quantile(deviation[both], 0.99):.3%}, max {deviation[both].max():.3%}")  # fmt: skip
+    full = results["full-range 1 %"][0]
+    numbers["within_1pct_of_full_range"] = {}
+    for name in [c for c in CHEAP if c in results]:
+        lin = results[name][0]
+        both = full.success & lin.success & ~full.censored & ~lin.censored
+        deviation = np.abs(lin.epsilon / full.epsilon - 1)
+        within = both & (deviation <= 0.01)
+        print(f"{name} vs full-range: eps within 1 % on {int(within.sum())} of {int(both.sum())} images measured by "
+              f"both ({within.sum() / max(both.sum(), 1):.1%}); success {int(lin.success.sum())} vs "
+              f"{int(full.success.sum())}; identical eps on {int((both & (lin.epsilon == full.epsilon)).sum())}")  # fmt: skip
+        others = [f"image {i}: {lin.epsilon[i]:.5g} vs {full.epsilon[i]:.5g}" for i in np.flatnonzero(both & ~within)]
+        if others:
+            print("  the others: " + "; ".join(others))
+        numbers["within_1pct_of_full_range"][name] = float(within.sum() / max(both.sum(), 1))
+        if both.any():
+            print(f"  |eps ratio - 1|: median {np.median(deviation[both]):.3%}, 99th percentile "
+                  f"{np.quantile(deviation[both], 0.99):.3%}, max {deviation[both].max():.3%}")  # fmt: skip
     numbers["epsilon"] = {name: [float(e) for e in result.epsilon] for name, (result, _, _) in results.items()
                           if name in searches}  # fmt: skip
     if full.success.mean() < MIN_FOOLED:

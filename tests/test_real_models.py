@@ -164,11 +164,11 @@ def test_default_tolerances_lie_within_one_percent_of_a_fine_reference(real_run,
         fn, x, y, ids = attacked_images[name]
         table = _attack_table(real_run, attack, name).set_index("image_id").loc[ids]
         assert table["success"].all() and not table["censored"].any()
-        assert table["search"].iloc[0] == "linearised bracket, secant search to 0.01 relative in [1e-06, " + (
-            "10]" if norm == "l2" else "1]")
-        # The job's numbers again, at the job's thread count and batch size: the linearised search
-        # places its trials from float margins, so another rounding may move a trial (at a grid
-        # boundary) and with it, where success is not monotone, the result.
+        assert table["search"].iloc[0] == "geometric bisection to 0.01 relative in [1e-06, " + (
+            "10]" if norm == "l2" else "1]") + ", tree search from the linearised distance, verify 0.03"
+        # The job's numbers again, at the job's thread count and batch size: which trial the tree
+        # search runs next follows float margins, so another rounding may change the order and,
+        # where success is not monotone in eps, the result.
         threads = torch.get_num_threads()
         torch.set_num_threads(int(attacks["threads"]))
         try:

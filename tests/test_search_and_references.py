@@ -1,4 +1,4 @@
-"""The linearised search (same trial, fewer passes) and the adv_lib minimal-norm references."""
+"""The cheaper searches (tree, linearised: same trial, fewer passes) and the adv_lib minimal-norm references."""
 
 from __future__ import annotations
 
@@ -28,12 +28,13 @@ def images(fn):
     return x[correct][:32].contiguous(), y[correct][:32]
 
 
+@pytest.mark.parametrize("bracket", ["tree", "linearised"])
 @pytest.mark.parametrize("norm", ["l2", "linf"])
-def test_linearised_search_keeps_algorithm_1_and_spends_fewer_passes(fn, images, norm):
+def test_cheaper_searches_keep_algorithm_1_and_spend_fewer_passes(fn, images, norm, bracket):
     x, y = images
     eps_max = 10.0 if norm == "l2" else 1.0
     full = minimal_epsilon_search(fn, x, y, PGDConfig(norm=norm, eps_max=eps_max, bracket="full"))
-    lin = minimal_epsilon_search(fn, x, y, PGDConfig(norm=norm, eps_max=eps_max, bracket="linearised"))
+    lin = minimal_epsilon_search(fn, x, y, PGDConfig(norm=norm, eps_max=eps_max, bracket=bracket))
     assert lin.success.all() and full.success.all()
     measured = lin.success & ~lin.censored
     # Closed to the relative precision: a fooling trial at epsilon, a failing one within 1 % below it.
@@ -53,22 +54,58 @@ def test_linearised_search_keeps_algorithm_1_and_spends_fewer_passes(fn, images,
     assert lin.grad_evals.mean() <= 0.7 * full.grad_evals.mean()
     agree = np.abs(lin.epsilon / full.epsilon - 1) <= 0.0102
     assert agree.mean() >= 0.9
+    if bracket == "tree":  # the full-range search's own trials near the answer: the same ε, not a near one
+        assert (lin.epsilon == full.epsilon).mean() >= 0.9
 
 
-def test_linearised_search_records_failures_and_censored_images(fn, images):
+@pytest.mark.parametrize("random_start", [False, True])
+def test_tree_search_that_verifies_every_trial_is_the_full_range_search(fn, images, random_start):
+    """With verify large enough that nothing is implied, the tree search runs exactly the full-range
+    search's trials (same radii, same random-start seeds) and so gives its results bit for bit,
+    censored images and failures included; then cutting verify changes the cost, not the answer."""
     x, y = images
-    tight = minimal_epsilon_search(fn, x, y, PGDConfig(norm="l2", eps_max=0.05, bracket="linearised"))
+    measured = minimal_epsilon_search(fn, x, y, PGDConfig(norm="l2", bracket="full")).epsilon
+    floor, top = (float(q) for q in np.quantile(measured, [0.2, 0.8]))
+    for eps_max in (10.0, top):  # with the second, some images are failures
+        spec = {"eps_min": floor, "eps_max": eps_max, "random_start": random_start}
+        full = minimal_epsilon_search(fn, x, y, PGDConfig(norm="l2", bracket="full", **spec), batch_size=8)
+        every = minimal_epsilon_search(fn, x, y, PGDConfig(norm="l2", bracket="tree", verify=1e6, **spec), batch_size=8)
+        for name in ("success", "epsilon", "lower", "censored", "adv_pred"):
+            np.testing.assert_array_equal(getattr(every, name), getattr(full, name), err_msg=name)
+        torch.testing.assert_close(every.perturbation, full.perturbation, rtol=0, atol=1e-6)
+        assert full.censored.any() and full.success.any() and (eps_max == 10.0 or not full.success.all())
+    default = minimal_epsilon_search(fn, x, y, PGDConfig(norm="l2", bracket="tree", eps_min=floor), batch_size=8)
+    reference = minimal_epsilon_search(fn, x, y, PGDConfig(norm="l2", bracket="full", eps_min=floor), batch_size=8)
+    assert default.grad_evals.mean() < reference.grad_evals.mean()
+    assert (default.epsilon == reference.epsilon).mean() >= 0.9
+
+
+def test_tree_search_is_the_same_in_any_batch(fn, images):
+    x, y = images
+    config = PGDConfig(norm="l2", bracket="tree")
+    whole = minimal_epsilon_search(fn, x, y, config, batch_size=32)
+    pieces = minimal_epsilon_search(fn, x, y, config, batch_size=3)
+    np.testing.assert_array_equal(whole.epsilon, pieces.epsilon)
+    np.testing.assert_array_equal(whole.trials, pieces.trials)
+
+
+@pytest.mark.parametrize("bracket", ["tree", "linearised"])
+def test_cheaper_searches_record_failures_and_censored_images(fn, images, bracket):
+    x, y = images
+    tight = minimal_epsilon_search(fn, x, y, PGDConfig(norm="l2", eps_max=0.05, bracket=bracket))
     assert not tight.success.any() and np.isnan(tight.epsilon).all()  # nothing fools below 0.05
     full = minimal_epsilon_search(fn, x, y, PGDConfig(norm="l2", bracket="full"))
     floor = float(np.quantile(full.epsilon, 0.5))
-    raised = minimal_epsilon_search(fn, x, y, PGDConfig(norm="l2", eps_min=floor, bracket="linearised"))
+    raised = minimal_epsilon_search(fn, x, y, PGDConfig(norm="l2", eps_min=floor, bracket=bracket))
     assert raised.censored.any() and raised.success.all()
     assert np.all(raised.epsilon[raised.censored] == floor)
     assert np.isnan(raised.lower[raised.censored]).all()
     with pytest.raises(PipelineError, match="needs stop 'relative'"):
-        PGDConfig(norm="l2", bracket="linearised", stop="absolute")
-    # The default (auto): linearised with the relative stop, Algorithm 1's bisection with the absolute one.
-    assert PGDConfig(norm="l2").bracket == "linearised"
+        PGDConfig(norm="l2", bracket=bracket, stop="absolute")
+    with pytest.raises(PipelineError, match="verify must be >= 0"):
+        PGDConfig(norm="l2", verify=-0.1)
+    # The default (auto): the tree search with the relative stop, Algorithm 1's bisection with the absolute one.
+    assert PGDConfig(norm="l2").bracket == "tree"
     assert PGDConfig(norm="l2", stop="absolute").bracket == "full"
 
 

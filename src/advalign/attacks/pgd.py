@@ -8,7 +8,10 @@ when the prediction changes; the adversarial example of the smallest successful 
 kept. Images the attack cannot fool at the upper bound are failures (decided by one
 attack at the upper bound before bisecting, so they cost nothing more). Images whose
 bisection has converged leave the active batch. A bracket that closes on the lower
-bound is checked by one trial there: fooled = censored.
+bound is checked by one trial there: fooled = censored. That is ``bracket: full``; the
+default ``bracket: tree`` (``_tree_search``) runs the same bisection's trials from each
+image's linearised distance to the boundary and skips the ones that trials run more than
+``verify`` away decide; ``bracket: linearised`` is a secant search on radii of its own.
 
 Arguments and shapes: x float [N, 3, H, W] in [0, 1] on the function's device, y int64
 [N] (labels the model predicts correctly); the result is an ``AttackResult`` whose
@@ -37,7 +40,7 @@ from .function import AttackedFunction, batches, per_image
 from .registry import NORMS, Attack, AttackResult, register_attack
 
 STOP_RULES = ("relative", "absolute")
-BRACKETS = ("auto", "full", "linearised")
+BRACKETS = ("auto", "full", "linearised", "tree")
 # Added to ‖g‖₂ before dividing, as torchattacks does, so a zero gradient gives a zero step.
 GRAD_NORM_FLOOR = 1e-10
 # The schema's $defs/pgd defaults, and each norm's own attack block defaults on top (ℓ∞: eps_max).
@@ -67,6 +70,9 @@ class PGDConfig:
     # full: Algorithm 1's [eps_min, eps_max]; linearised: from the clean margin; auto: linearised
     # with the relative stop, full with the absolute one.
     bracket: str = _SHARED["bracket"]
+    # tree: the full-range search's trials within this relative distance of a decided trial are
+    # run as that search runs them; farther ones are taken as implied by the nearer ones.
+    verify: float = _SHARED["verify"]
 
     def __post_init__(self):
         if self.norm not in NORMS:
@@ -85,10 +91,14 @@ class PGDConfig:
             raise PipelineError("PGD threshold and step_scale must be > 0 and steps >= 1")
         if self.bracket not in BRACKETS:
             raise PipelineError(f"PGD bracket {self.bracket!r} is not one of {', '.join(BRACKETS)}")
-        if self.bracket == "auto":  # the linearised search where it applies; Algorithm 1's for the paper's rule
-            object.__setattr__(self, "bracket", "linearised" if self.stop == "relative" else "full")
-        if self.bracket == "linearised" and self.stop != "relative":
-            raise PipelineError("PGD bracket 'linearised' needs stop 'relative' (the absolute rule is Algorithm 1's bisection)")
+        if not self.verify >= 0:
+            raise PipelineError(f"PGD verify must be >= 0 (a relative distance), got {self.verify}")
+        if self.bracket == "auto":  # the tree search where it applies; Algorithm 1's for the paper's rule
+            object.__setattr__(self, "bracket", "tree" if self.stop == "relative" else "full")
+        if self.bracket in ("linearised", "tree") and self.stop != "relative":
+            raise PipelineError(
+                f"PGD bracket {self.bracket!r} needs stop 'relative' (the absolute rule is Algorithm 1's bisection)"
+            )
 
     @classmethod
     def from_spec(cls, norm: str, spec: dict) -> "PGDConfig":
@@ -100,6 +110,9 @@ class PGDConfig:
 
     def describe(self) -> str:
         """The search that produced a result, as recorded in the attack table's ``search`` column."""
+        if self.bracket == "tree":
+            return (f"geometric bisection to {self.precision:g} relative in [{self.eps_min:g}, {self.eps_max:g}], "
+                    f"tree search from the linearised distance, verify {self.verify:g}")
         if self.bracket == "linearised":
             return f"linearised bracket, secant search to {self.precision:g} relative in [{self.eps_min:g}, {self.eps_max:g}]"
         rule = (f"geometric bisection to {self.precision:g} relative" if self.stop == "relative"
@@ -185,12 +198,13 @@ def image_key(seed: int, attack: str, index: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def random_start(x: torch.Tensor, eps: np.ndarray, norm: str, keys: np.ndarray, trial: int) -> torch.Tensor:
+def random_start(x: torch.Tensor, eps: np.ndarray, norm: str, keys: np.ndarray, trial) -> torch.Tensor:
     """Per-image random δ in the ε-ball (ℓ2: random direction, radius U(0,1)·ε; ℓ∞: U(−ε, ε)),
-    with x + δ clamped to [0, 1]. Drawn on the CPU so every device sees the same numbers."""
+    with x + δ clamped to [0, 1]. Drawn on the CPU so every device sees the same numbers.
+    ``trial``: the trial number, one for all images or one per image."""
     shape = x.shape[1:]
     deltas = []
-    for key, radius in zip(keys, eps):
+    for key, radius, trial in zip(keys, eps, np.broadcast_to(np.asarray(trial), (len(keys),))):
         generator = torch.Generator().manual_seed(trial_seed(key, trial))
         if norm == "l2":
             direction = torch.randn(shape, generator=generator)
@@ -298,6 +312,9 @@ def minimal_epsilon_search(
     arrays (``threshold`` is the absolute rule's; the relative rule uses
     ``config.precision``). ``keys`` (default 0..N−1) seed each image's random starts.
     """
+    if config.bracket == "tree":
+        return _tree_search(fn, x, y, config, batch_size=batch_size, lower=lower, upper=upper, keys=keys,
+                            progress=progress)  # fmt: skip
     if config.bracket == "linearised":
         return _linearised_search(fn, x, y, config, batch_size=batch_size, lower=lower, upper=upper, keys=keys,
                                   progress=progress)  # fmt: skip
@@ -526,6 +543,235 @@ def _linearised_search(fn, x, y, config: PGDConfig, *, batch_size, lower, upper,
             eps[i] = np.clip(_on_grid(np.where(halve[i], np.sqrt(lo[i] * hi[i]), shoot), p), inner_lo, inner_hi)
     bar.close()
     # Past MAX_TRIALS (a safeguard only) the open brackets are reported as they stand.
+    return _search_result(success, hi, lo, censored, best, adv_pred, grad_evals, trials)
+
+
+class _Tree:
+    """One image's full-range bisection as a tree: grid point k in 0..2**depth is the radius that
+    search reaches at bracket end k, computed with the same float operations (sqrt(lo·hi) from
+    [floor, ceil]), so the two searches run their shared trials at the same radii."""
+
+    def __init__(self, floor: float, ceil: float, config: PGDConfig):
+        self.floor, self.ceil, self.config = floor, ceil, config
+        lo, hi, depth = np.array([floor]), np.array([ceil]), 0
+        while config.open_brackets(lo, hi, np.ones(1))[0]:
+            hi, depth = np.sqrt(lo * hi), depth + 1
+        self.depth, self.top = depth, 2**depth
+        self.step = math.log(ceil / floor) / self.top  # log-width of one leaf
+        self._radii = {0: floor, self.top: ceil}
+
+    def radius(self, k: int) -> float:
+        if k not in self._radii:
+            lo, hi, klo, khi = np.array([self.floor]), np.array([self.ceil]), 0, self.top
+            while k not in (klo, khi):
+                mid, kmid = np.sqrt(lo * hi), (klo + khi) // 2
+                self._radii.setdefault(kmid, float(mid[0]))
+                lo, klo, hi, khi = (mid, kmid, hi, khi) if k > kmid else (lo, klo, mid, kmid)
+        return self._radii[k]
+
+    def index(self, eps: float) -> float:
+        """The (fractional) grid position of a radius."""
+        return math.log(eps / self.floor) / self.step
+
+    def trial_number(self, k: int) -> int:
+        """The trial at which the full-range search runs grid point k (for its random-start seed)."""
+        if k == self.top:
+            return 0
+        if k == 0:
+            return self.depth + 1
+        return self.depth - ((k & -k).bit_length() - 1)
+
+    def walk(self, known: dict, reach: float, guess: float):
+        """The full-range search's path over the known trials -> (outcome, probes it needs).
+
+        A probe is decided by a trial run there, or by one at least ``reach`` grid steps below
+        that fooled (above that failed) when none contradicts it; the others are guessed
+        (fooled when at or above ``guess``) and returned, in path order, as the ones to run.
+        outcome: (fooled at ceil, lo, hi, censored) in grid points."""
+        fooled_at = [k for k, won in known.items() if won]
+        failed_at = [k for k, won in known.items() if not won]
+        needed = []
+
+        def fooled(k: int) -> bool:
+            if k in known:
+                return known[k]
+            up = any(j <= k - reach for j in fooled_at)
+            down = any(j >= k + reach for j in failed_at)
+            if up != down:
+                return up
+            needed.append(k)
+            return k >= guess
+
+        if not fooled(self.top):
+            return (False, None, self.top, False), needed
+        lo, hi = 0, self.top
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if fooled(mid) else (mid, hi)
+        censored = lo == 0 and fooled(0)
+        return (True, lo, 0 if censored else hi, censored), needed
+
+
+def _tree_search(fn, x, y, config: PGDConfig, *, batch_size, lower, upper, keys, progress) -> AttackResult:
+    """Minimal-ε PGD that runs the full-range search's trials, skipping the ones already decided.
+
+    Per image the full-range search (one trial at the upper bound, then geometric bisection
+    to ``precision``) is a walk down a binary tree of radii. This search runs trials only at
+    that tree's radii, with the same trial (and the same random-start seed), and ends with
+    the same ε whenever every trial the full-range search would run is either run here or
+    decided by a trial run here: a radius at least ``verify`` (relative) above a fooling trial
+    is taken as fooled, one as far below a failing trial as failed (when no run trial
+    contradicts it). Which trial to run next: the one of the still-undecided path closest to
+    the current estimate of the crossing; that estimate starts at 1.25x the linearised
+    distance (margin / ‖∇ₓ margin‖_*, the dual norm) and moves as the linearised search's
+    does (extrapolating past failures, interpolating below successes, secant between them,
+    geometric halving when a trial does not halve the bracket). Trials near the answer are
+    run just as the full-range search runs them, so where PGD's success is not monotone in ε
+    within ``verify`` this search takes the same branch as the full-range one.
+    """
+    n = len(x)
+    floor = _broadcast(config.eps_min if lower is None else lower, n, "lower bound")
+    ceil = _broadcast(config.eps_max if upper is None else upper, n, "upper bound")
+    if np.any(floor <= 0) or np.any(ceil <= floor):
+        raise PipelineError("minimal-ε search needs 0 < lower < upper for every image")
+    keys = np.arange(n) if keys is None else np.asarray(keys)
+    y = y.to(x.device)
+
+    grad_evals = np.zeros(n, dtype=np.int64)
+    trials = np.zeros(n, dtype=np.int64)
+    best = torch.zeros_like(x)
+    best_k = np.full(n, -1, dtype=np.int64)
+    adv_pred = np.full(n, -1, dtype=np.int64)
+    clean_margin = np.zeros(n)
+    distance = np.zeros(n)
+    clean_grad = torch.zeros_like(x) if not config.random_start else None
+    for part in batches(np.arange(n), batch_size):
+        idx = torch.as_tensor(part, device=x.device)
+        ce_grad, margin, margin_grad = clean_gradients(fn, x[idx], y[idx])
+        if clean_grad is not None:
+            clean_grad[idx] = ce_grad
+        clean_margin[part] = margin.double().cpu().numpy()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            distance[part] = clean_margin[part] / _dual_norm(margin_grad, config.norm)
+    grad_evals += 2  # one forward, two backward passes: counted as two
+
+    trees = [_Tree(float(f), float(c), config) for f, c in zip(floor, ceil)]
+    known = [{} for _ in range(n)]  # grid point -> fooled
+    margin_at = [{} for _ in range(n)]
+    reach = np.array([math.log1p(config.verify) / t.step for t in trees])
+    guess = np.array([t.index(d * FIRST_GUESS) if np.isfinite(d) and d > 0 else t.top / 2
+                      for t, d in zip(trees, distance)])  # fmt: skip
+    width = np.full(n, np.inf)
+    halve = np.zeros(n, dtype=bool)
+    outcome = [None] * n
+
+    def attack(rows: np.ndarray, points: np.ndarray):
+        radius = np.array([trees[i].radius(int(k)) for i, k in zip(rows, points)])
+        numbers = np.array([trees[i].trial_number(int(k)) for i, k in zip(rows, points)])
+        for part in batches(np.arange(len(rows)), batch_size):
+            sub = rows[part]
+            idx = torch.as_tensor(sub, device=x.device)
+            xb, yb = x[idx], y[idx]
+            start = None
+            if config.random_start:
+                start = random_start(xb, radius[part], config.norm, keys[sub], numbers[part])
+            adv, logits, evals = pgd_attack(
+                fn, xb, yb, radius[part], config,
+                clean_grad=None if clean_grad is None else clean_grad[idx], start=start, return_logits=True,
+            )  # fmt: skip
+            pred = logits.argmax(dim=1)
+            fooled = (pred != yb).cpu().numpy()
+            smaller = fooled & ((best_k[sub] < 0) | (points[part] < best_k[sub]))
+            keep = torch.as_tensor(smaller, device=x.device)
+            best[idx] = torch.where(per_image(keep), adv - xb, best[idx])
+            best_k[sub[smaller]] = points[part][smaller]
+            pred_np = pred.cpu().numpy()
+            update = smaller | (best_k[sub] < 0)  # the kept example's prediction, or the latest trial's
+            adv_pred[sub[update]] = pred_np[update]
+            grad_evals[sub] += evals
+            trials[sub] += 1
+            margin_np = margins(logits, yb).double().cpu().numpy()
+            for i, k, won, m in zip(sub, points[part], fooled, margin_np):
+                known[i][int(k)] = bool(won)
+                margin_at[i][int(k)] = float(m)
+
+    def next_point(i: int):
+        """The next grid point to run for image i, or None when its walk is decided."""
+        tree = trees[i]
+        result, needed = tree.walk(known[i], reach[i], guess[i])
+        if not needed:
+            outcome[i] = result
+            return None
+        won = sorted(k for k, v in known[i].items() if v)
+        lost = sorted(k for k, v in known[i].items() if not v)
+        lo = max((k for k in lost if not won or k < won[0]), default=None)
+        hi = won[0] if won else None
+        if hi is not None and lo is not None:
+            new_width = hi - lo
+            halve[i] = new_width > 0.5 * width[i]
+            width[i] = new_width
+        if halve[i]:
+            return needed[0]
+        # The shallowest needed trial near the estimate (a bisection step there that the full-range
+        # search also takes), else the needed trial closest to it.
+        near = [k for k in needed if abs(k - guess[i]) <= reach[i]]
+        if near:
+            return near[0]
+        return min(needed, key=lambda k: (abs(k - guess[i]), k))
+
+    def steer(i: int):
+        """Move image i's estimate of the crossing (a grid position) after its latest trial."""
+        tree, m = trees[i], margin_at[i]
+        won = sorted(k for k, v in known[i].items() if v)
+        lost = sorted(k for k, v in known[i].items() if not v)
+        lo = max((k for k in lost if not won or k < won[0]), default=None)
+        hi = won[0] if won else None
+        m0 = clean_margin[i]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if hi is None:  # no fooling trial yet: extrapolate past the last failure
+                e_lo = tree.radius(lo)
+                slope = (m0 - m[lo]) / e_lo
+                root = m0 / slope if slope > 0 else e_lo * GROWTH_MAX
+                eps = min(max(root * FIRST_GUESS, e_lo * GROWTH_MIN), e_lo * GROWTH_MAX)
+            elif lo is None:  # no failing trial yet: interpolate towards 0
+                e_hi = tree.radius(hi)
+                root = e_hi * m0 / (m0 - m[hi]) if m0 != m[hi] else np.nan
+                root = root if np.isfinite(root) and root > 0 else e_hi / GROWTH_MAX
+                eps = min(max(root, e_hi / GROWTH_MAX), e_hi)
+            else:  # a bracket: the secant's crossing
+                e_lo, e_hi = tree.radius(lo), tree.radius(hi)
+                root = e_lo + (e_hi - e_lo) * m[lo] / (m[lo] - m[hi]) if m[lo] != m[hi] else np.nan
+                eps = root if np.isfinite(root) and e_lo < root < e_hi else math.sqrt(e_lo * e_hi)
+        guess[i] = tree.index(eps) if eps > 0 else 0.0
+
+    bar = tqdm(desc="tree search", leave=False, file=sys.stderr, disable=not progress)
+    open_ = np.arange(n)
+    for _ in range(MAX_TRIALS):
+        points = [next_point(int(i)) for i in open_]
+        open_ = np.array([i for i, k in zip(open_, points) if k is not None], dtype=np.int64)
+        if not len(open_):
+            break
+        attack(open_, np.array([k for k in points if k is not None], dtype=np.int64))
+        for i in open_:
+            steer(int(i))
+        bar.update(1)
+        bar.set_postfix(active=len(open_))
+    bar.close()
+    # Past MAX_TRIALS (a safeguard only) an image's walk is decided as it stands.
+    for i in np.flatnonzero([o is None for o in outcome]):
+        outcome[i] = trees[i].walk(known[i], 0.0, guess[i])[0]
+
+    success = np.array([o[0] for o in outcome], dtype=bool)
+    hi_k = np.array([o[2] for o in outcome], dtype=np.int64)
+    # The kept example is the trial at the answer's radius (a smaller fooling radius off the walk,
+    # where PGD's success is not monotone, is not the answer): rerun it where it is not kept.
+    rerun = np.flatnonzero(success & (best_k != hi_k))
+    if len(rerun):
+        best_k[rerun] = -1
+        attack(rerun, hi_k[rerun])
+    hi = np.array([t.radius(int(k)) for t, k in zip(trees, hi_k)])
+    lo = np.array([t.radius(int(o[1])) if o[0] else np.nan for t, o in zip(trees, outcome)])
+    censored = np.array([o[3] for o in outcome], dtype=bool)
     return _search_result(success, hi, lo, censored, best, adv_pred, grad_evals, trials)
 
 
