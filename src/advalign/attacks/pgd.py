@@ -585,8 +585,9 @@ class _Tree:
         """The full-range search's path over the known trials -> (outcome, probes it needs).
 
         A probe is decided by a trial run there, or by one at least ``reach`` grid steps below
-        that fooled (above that failed) when none contradicts it; the others are guessed
-        (fooled when at or above ``guess``) and returned, in path order, as the ones to run.
+        that fooled (above that failed) when no run trial contradicts it (one that failed
+        above it, fooled below it); the others are guessed (fooled when at or above
+        ``guess``) and returned, in path order, as the ones to run.
         outcome: (fooled at ceil, lo, hi, censored) in grid points."""
         fooled_at = [k for k, won in known.items() if won]
         failed_at = [k for k, won in known.items() if not won]
@@ -595,10 +596,10 @@ class _Tree:
         def fooled(k: int) -> bool:
             if k in known:
                 return known[k]
-            up = any(j <= k - reach for j in fooled_at)
-            down = any(j >= k + reach for j in failed_at)
-            if up != down:
-                return up
+            if any(j <= k - reach for j in fooled_at) and not any(j > k for j in failed_at):
+                return True
+            if any(j >= k + reach for j in failed_at) and not any(j < k for j in fooled_at):
+                return False
             needed.append(k)
             return k >= guess
 
