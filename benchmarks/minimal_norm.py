@@ -64,8 +64,9 @@ def main(argv=None) -> int:
     parser.add_argument("--references", default=",".join(REFERENCES), help="comma-separated; '' for none")
     parser.add_argument("--searches", default=",".join(SEARCHES),
                         help=f"comma-separated, of {', '.join(SEARCHES)}; the first two are always run")  # fmt: skip
-    parser.add_argument("--verify", type=float, default=None,
-                        help="the tree search's verify distance (default: the schema's)")  # fmt: skip
+    pgd = schema_defaults("pgd_l2")
+    parser.add_argument("--verify", type=float, default=pgd["verify"],
+                        help=f"the tree search's verify distance (default: the schema's, {pgd['verify']:g})")  # fmt: skip
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -76,18 +77,15 @@ def main(argv=None) -> int:
     with torch.no_grad():
         y = fn.predict(x)
 
-    pgd = schema_defaults("pgd_l2")
     searches = {
         "full-range 1 %": PGDConfig(norm="l2", **{**pgd, "bracket": "full"}),
-        "tree 1 %": PGDConfig(norm="l2", **{**pgd, "bracket": "tree"}),
+        "tree 1 %": PGDConfig(norm="l2", **{**pgd, "bracket": "tree", "verify": args.verify}),
         "linearised 1 %": PGDConfig(norm="l2", **{**pgd, "bracket": "linearised"}),
         "paper rule": PGDConfig(norm="l2", **{**pgd, "bracket": "full", "stop": "absolute", "eps_min": 0.001}),
         "fine reference": PGDConfig(norm="l2", **{**pgd, "bracket": "full", "stop": "absolute",
                                                   "eps_min": 1e-7, "threshold": FINE_THRESHOLD}),
     }  # fmt: skip
     assert tuple(searches) == SEARCHES
-    if args.verify is not None:
-        searches["tree 1 %"] = PGDConfig(norm="l2", **{**pgd, "bracket": "tree", "verify": args.verify})
     wanted = set(filter(None, args.searches.split(","))) | {"full-range 1 %", "tree 1 %"}
     if wanted - set(SEARCHES):
         raise SystemExit(f"error: --searches: unknown {', '.join(sorted(wanted - set(SEARCHES)))}")

@@ -67,8 +67,8 @@ class PGDConfig:
     step_rule: str = _SHARED["step_rule"]  # relative: α = step_scale·ε/steps; fixed: α = step_scale
     step_scale: float = _SHARED["step_scale"]
     random_start: bool = _SHARED["random_start"]
-    # full: Algorithm 1's [eps_min, eps_max]; linearised: from the clean margin; auto: linearised
-    # with the relative stop, full with the absolute one.
+    # full: Algorithm 1's [eps_min, eps_max]; tree: its trials, from the clean margin; linearised:
+    # a secant search from the clean margin; auto: tree with the relative stop, full with the absolute one.
     bracket: str = _SHARED["bracket"]
     # tree: the full-range search's trials within this relative distance of a decided trial are
     # run as that search runs them; farther ones are taken as implied by the nearer ones.
@@ -420,6 +420,33 @@ def _dual_norm(grad: torch.Tensor, norm: str) -> np.ndarray:
     return (flat.norm(p=2, dim=1) if norm == "l2" else flat.abs().sum(dim=1)).cpu().numpy()
 
 
+def _linearised_start(fn, x, y, config: PGDConfig, batch_size, lower, upper, keys):
+    """What the linearised and the tree search start from, per image: the checked bounds, the
+    random-start keys, ∇ₓCE at the clean image (the first PGD step of every trial; None with
+    random starts), the clean margin and the linearised distance margin / ‖∇ₓ margin‖_* (the
+    dual norm; not finite or <= 0 where the gradient says nothing). One forward and two
+    backward passes per image -> (y on x's device, floor, ceil, keys, clean_grad, margin, distance)."""
+    n = len(x)
+    floor = _broadcast(config.eps_min if lower is None else lower, n, "lower bound")
+    ceil = _broadcast(config.eps_max if upper is None else upper, n, "upper bound")
+    if np.any(floor <= 0) or np.any(ceil <= floor):
+        raise PipelineError("minimal-ε search needs 0 < lower < upper for every image")
+    keys = np.arange(n) if keys is None else np.asarray(keys)
+    y = y.to(x.device)
+    clean_margin = np.zeros(n)
+    distance = np.zeros(n)
+    clean_grad = torch.zeros_like(x) if not config.random_start else None
+    for part in batches(np.arange(n), batch_size):
+        idx = torch.as_tensor(part, device=x.device)
+        ce_grad, margin, margin_grad = clean_gradients(fn, x[idx], y[idx])
+        if clean_grad is not None:
+            clean_grad[idx] = ce_grad
+        clean_margin[part] = margin.double().cpu().numpy()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            distance[part] = clean_margin[part] / _dual_norm(margin_grad, config.norm)
+    return y, floor, ceil, keys, clean_grad, clean_margin, distance
+
+
 def _linearised_search(fn, x, y, config: PGDConfig, *, batch_size, lower, upper, keys, progress) -> AttackResult:
     """Minimal-ε PGD whose bracket starts at the linearised distance to the decision boundary.
 
@@ -435,30 +462,15 @@ def _linearised_search(fn, x, y, config: PGDConfig, *, batch_size, lower, upper,
     upper − lower <= precision·upper, and keeps the example of the smallest fooling ε.
     """
     n = len(x)
-    floor = _broadcast(config.eps_min if lower is None else lower, n, "lower bound")
-    ceil = _broadcast(config.eps_max if upper is None else upper, n, "upper bound")
-    if np.any(floor <= 0) or np.any(ceil <= floor):
-        raise PipelineError("minimal-ε search needs 0 < lower < upper for every image")
-    keys = np.arange(n) if keys is None else np.asarray(keys)
-    y = y.to(x.device)
+    y, floor, ceil, keys, clean_grad, clean_margin, guess = _linearised_start(
+        fn, x, y, config, batch_size, lower, upper, keys
+    )
     p = config.precision
 
-    grad_evals = np.zeros(n, dtype=np.int64)
+    grad_evals = np.full(n, 2, dtype=np.int64)  # the clean pass: one forward, two backward, counted as two
     trials = np.zeros(n, dtype=np.int64)
     best = torch.zeros_like(x)
     adv_pred = np.full(n, -1, dtype=np.int64)
-    clean_margin = np.zeros(n)
-    guess = np.zeros(n)
-    clean_grad = torch.zeros_like(x) if not config.random_start else None
-    for part in batches(np.arange(n), batch_size):
-        idx = torch.as_tensor(part, device=x.device)
-        ce_grad, margin, margin_grad = clean_gradients(fn, x[idx], y[idx])
-        if clean_grad is not None:
-            clean_grad[idx] = ce_grad
-        clean_margin[part] = margin.double().cpu().numpy()
-        with np.errstate(divide="ignore", invalid="ignore"):
-            guess[part] = clean_margin[part] / _dual_norm(margin_grad, config.norm)
-    grad_evals += 2  # one forward, two backward passes: counted as two
     unusable = ~np.isfinite(guess) | (guess <= 0)
     guess[unusable] = np.sqrt(floor * ceil)[unusable]
 
@@ -552,7 +564,7 @@ class _Tree:
     [floor, ceil]), so the two searches run their shared trials at the same radii."""
 
     def __init__(self, floor: float, ceil: float, config: PGDConfig):
-        self.floor, self.ceil, self.config = floor, ceil, config
+        self.floor, self.ceil = floor, ceil
         lo, hi, depth = np.array([floor]), np.array([ceil]), 0
         while config.open_brackets(lo, hi, np.ones(1))[0]:
             hi, depth = np.sqrt(lo * hi), depth + 1
@@ -613,6 +625,14 @@ class _Tree:
         return (True, lo, 0 if censored else hi, censored), needed
 
 
+def _bracket(known: dict):
+    """(largest failing grid point below the smallest fooling one, smallest fooling one) of one
+    image's trials so far; None for a side with no trial."""
+    hi = min((k for k, won in known.items() if won), default=None)
+    lo = max((k for k, won in known.items() if not won and (hi is None or k < hi)), default=None)
+    return lo, hi
+
+
 def _tree_search(fn, x, y, config: PGDConfig, *, batch_size, lower, upper, keys, progress) -> AttackResult:
     """Minimal-ε PGD that runs the full-range search's trials, skipping the ones already decided.
 
@@ -622,8 +642,9 @@ def _tree_search(fn, x, y, config: PGDConfig, *, batch_size, lower, upper, keys,
     the same ε whenever every trial the full-range search would run is either run here or
     decided by a trial run here: a radius at least ``verify`` (relative) above a fooling trial
     is taken as fooled, one as far below a failing trial as failed (when no run trial
-    contradicts it). Which trial to run next: the one of the still-undecided path closest to
-    the current estimate of the crossing; that estimate starts at 1.25x the linearised
+    contradicts it). Which trial to run next: the shallowest still-undecided trial of the path
+    within ``verify`` of the current estimate of the crossing, else the one closest to it; that
+    estimate starts at 1.25x the linearised
     distance (margin / ‖∇ₓ margin‖_*, the dual norm) and moves as the linearised search's
     does (extrapolating past failures, interpolating below successes, secant between them,
     geometric halving when a trial does not halve the bracket). Trials near the answer are
@@ -631,30 +652,14 @@ def _tree_search(fn, x, y, config: PGDConfig, *, batch_size, lower, upper, keys,
     within ``verify`` this search takes the same branch as the full-range one.
     """
     n = len(x)
-    floor = _broadcast(config.eps_min if lower is None else lower, n, "lower bound")
-    ceil = _broadcast(config.eps_max if upper is None else upper, n, "upper bound")
-    if np.any(floor <= 0) or np.any(ceil <= floor):
-        raise PipelineError("minimal-ε search needs 0 < lower < upper for every image")
-    keys = np.arange(n) if keys is None else np.asarray(keys)
-    y = y.to(x.device)
-
-    grad_evals = np.zeros(n, dtype=np.int64)
+    y, floor, ceil, keys, clean_grad, clean_margin, distance = _linearised_start(
+        fn, x, y, config, batch_size, lower, upper, keys
+    )
+    grad_evals = np.full(n, 2, dtype=np.int64)  # the clean pass: one forward, two backward, counted as two
     trials = np.zeros(n, dtype=np.int64)
     best = torch.zeros_like(x)
     best_k = np.full(n, -1, dtype=np.int64)
     adv_pred = np.full(n, -1, dtype=np.int64)
-    clean_margin = np.zeros(n)
-    distance = np.zeros(n)
-    clean_grad = torch.zeros_like(x) if not config.random_start else None
-    for part in batches(np.arange(n), batch_size):
-        idx = torch.as_tensor(part, device=x.device)
-        ce_grad, margin, margin_grad = clean_gradients(fn, x[idx], y[idx])
-        if clean_grad is not None:
-            clean_grad[idx] = ce_grad
-        clean_margin[part] = margin.double().cpu().numpy()
-        with np.errstate(divide="ignore", invalid="ignore"):
-            distance[part] = clean_margin[part] / _dual_norm(margin_grad, config.norm)
-    grad_evals += 2  # one forward, two backward passes: counted as two
 
     trees = [_Tree(float(f), float(c), config) for f, c in zip(floor, ceil)]
     known = [{} for _ in range(n)]  # grid point -> fooled
@@ -703,10 +708,7 @@ def _tree_search(fn, x, y, config: PGDConfig, *, batch_size, lower, upper, keys,
         if not needed:
             outcome[i] = result
             return None
-        won = sorted(k for k, v in known[i].items() if v)
-        lost = sorted(k for k, v in known[i].items() if not v)
-        lo = max((k for k in lost if not won or k < won[0]), default=None)
-        hi = won[0] if won else None
+        lo, hi = _bracket(known[i])
         if hi is not None and lo is not None:
             new_width = hi - lo
             halve[i] = new_width > 0.5 * width[i]
@@ -723,10 +725,7 @@ def _tree_search(fn, x, y, config: PGDConfig, *, batch_size, lower, upper, keys,
     def steer(i: int):
         """Move image i's estimate of the crossing (a grid position) after its latest trial."""
         tree, m = trees[i], margin_at[i]
-        won = sorted(k for k, v in known[i].items() if v)
-        lost = sorted(k for k, v in known[i].items() if not v)
-        lo = max((k for k in lost if not won or k < won[0]), default=None)
-        hi = won[0] if won else None
+        lo, hi = _bracket(known[i])
         m0 = clean_margin[i]
         with np.errstate(divide="ignore", invalid="ignore"):
             if hi is None:  # no fooling trial yet: extrapolate past the last failure
