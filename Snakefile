@@ -19,6 +19,7 @@ include: "workflow/rules/figures.smk"
 
 
 onstart:
+    stop_if_no_cores()  # --cores 0 would wait forever holding the lock
     stop_if_data_missing()  # the paper's data, when a job about to run needs it
 
 

@@ -144,3 +144,54 @@ def test_chunks_of_another_job_are_never_reused(inputs):
     # ...and reusing the stale chunk would have shown: its numbers differ from the new job's.
     fresh_epsilon = pd.read_parquet(fresh)["epsilon"].to_numpy()[:CHUNK]
     assert not np.allclose(stale_epsilon, fresh_epsilon, equal_nan=True)
+
+
+def _damaged_copies(chunk: Path) -> dict[str, bytes]:
+    """The ways a finished chunk file turns up damaged: cut short, a corrupt deflate stream
+    (zlib.error), a bad CRC, the arrays of another layout."""
+    import io
+    import zipfile
+
+    data = chunk.read_bytes()
+    damaged = {"truncated": data[: len(data) // 2]}
+    with zipfile.ZipFile(chunk) as archive:
+        info = archive.getinfo("epsilon.npy")
+    local = data[info.header_offset : info.header_offset + 30]  # the member's local header
+    payload = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+    stream = bytearray(data)
+    stream[payload : payload + 8] = b"\xff" * 8  # an invalid deflate block header
+    damaged["corrupt stream"] = bytes(stream)
+    crc = bytearray(data)
+    crc[payload + info.compress_size - 2] ^= 0x01  # the last bytes: inflates, but the CRC fails
+    damaged["bad crc"] = bytes(crc)
+    buffer = io.BytesIO()
+    with np.load(chunk) as npz:
+        np.savez(buffer, **{k: npz[k] for k in npz.files if k != "epsilon"})
+    damaged["missing array"] = buffer.getvalue()
+    return damaged
+
+
+def test_a_damaged_chunk_is_logged_removed_and_recomputed(inputs, caplog):
+    """Chunk stores heal themselves, loudly: whatever the damage, the job names the file in its
+    log, recomputes that chunk and ends with the bytes of an uninterrupted job."""
+    job = _job()
+    reference = inputs / "reference.parquet"
+    if not reference.exists():
+        _finish(_start(inputs, job, "reference"))
+    done = _kill_after_first_chunk(inputs, job, "damaged")
+    chunk = chunk_dir_for(inputs / "damaged.parquet") / done[0]
+    kept = chunk.read_bytes()
+    from advalign.attacks.store import ChunkStore
+
+    store = ChunkStore(chunk.parent, json.loads((chunk.parent / "job.json").read_text())["hash"])
+    for kind, data in _damaged_copies(chunk).items():
+        chunk.write_bytes(data)
+        caplog.clear()
+        assert store.load(0, 0, CHUNK, expected=("epsilon",)) is None, kind
+        assert f"{chunk}: chunk " in caplog.text and "recomputing it" in caplog.text, (kind, caplog.text)
+        assert not chunk.exists(), kind
+    chunk.write_bytes(kept)
+    chunk.write_bytes(_damaged_copies(chunk)["corrupt stream"])  # then the job itself meets one
+    log = _finish(_start(inputs, job, "damaged"))
+    assert f"{chunk}: chunk unreadable" in log and "recomputing it" in log, log[-2000:]
+    assert (inputs / "damaged.parquet").read_bytes() == reference.read_bytes()

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import torch_save
+from .io import PipelineError, torch_load, torch_save
 
 FORMAT = 1
 log = logging.getLogger(__name__)
@@ -97,9 +97,9 @@ def load(path, expected_hash: str) -> dict | None:
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated or foreign file: never trusted
-        log.warning("%s: unreadable checkpoint ignored (%s); training from the start", path, str(exc).splitlines()[0])
+        state = torch_load(path, "training checkpoint")
+    except PipelineError as exc:  # truncated or foreign file: never trusted
+        log.warning("%s; ignored, training from the start", exc)
         return None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         log.warning("%s: checkpoint of another format ignored; training from the start", path)

@@ -11,7 +11,7 @@ import sys
 
 from pathlib import Path
 
-from .config import SCHEMA_PATH, check_overrides_name_models, load_config
+from .config import SCHEMA_PATH, check_overrides, load_config
 from .io import PipelineError
 from .models import check_models_build
 from .zoo import load_zoo
@@ -28,9 +28,9 @@ def _planned_config(files):
     paths = base + files
     config = load_config(paths[0], *paths[1:])
     zoo = load_zoo(config)
-    check_overrides_name_models(config, zoo["model"])
+    check_overrides(config, zoo, source=" + ".join(map(str, paths)))
     if config["data"]["kind"] == "synthetic":
-        check_models_build(zoo.to_dict("records"), config["data"]["synthetic"]["n_classes"])
+        check_models_build(zoo.to_dict("records"), config["data"]["synthetic"]["n_classes"], source=zoo.attrs["source"])
     return config, zoo, paths
 
 

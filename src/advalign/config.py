@@ -26,7 +26,8 @@ def _schema_file(path: Path) -> dict:
 def load_schema(path: str | Path = SCHEMA_PATH) -> dict:
     """The config schema, with the attacks section completed from the attack registry:
     ``attacks.enabled`` lists the registered attacks (default: those enabled by default),
-    ``attacks.<name>`` is each attack's own block schema, and an override may hold any of them."""
+    ``attacks.<name>`` is each attack's own block schema, and an override may hold any of them;
+    ``figures.style`` may hold one ``$defs/figure_style`` block per registered figure."""
     from .attacks import registered_attacks
 
     schema = copy.deepcopy(_schema_file(Path(path).resolve()))
@@ -38,6 +39,11 @@ def load_schema(path: str | Path = SCHEMA_PATH) -> dict:
     for attack in attacks:
         section[attack.name] = copy.deepcopy(attack.schema)
         per_model[attack.name] = {k: v for k, v in attack.schema.items() if k != "default"}
+    # figures.style: one closed block per registered figure, so a wrong id or key fails planning.
+    from .figure_registry import figure_names
+
+    style = schema["properties"]["figures"]["properties"]["style"]
+    style["properties"] = {fig: {"$ref": "#/$defs/figure_style"} for fig in figure_names()}
     return schema
 
 
@@ -87,7 +93,12 @@ def _describe(error) -> str:
         allowed = sorted(error.schema.get("properties", {}))
         extra = sorted(set(error.instance) - set(allowed))
         hint = f" (expected one of: {', '.join(allowed)})" if allowed else ""
+        if allowed and extra:
+            hint = f" (did you mean {closest(extra[0], allowed, 1)[0]!r}? {hint[2:]}"
         return f"{where}: unknown key {', '.join(repr(e) for e in extra)}{hint}"
+    if error.validator in ("oneOf", "anyOf") and error.schema.get("description"):
+        # "is not valid under any of the given schemas" says nothing: say what is expected.
+        return f"{where}: {error.instance!r} is not valid (expected {error.schema['description']})"
     return f"{where}: {error.message}"
 
 
@@ -143,15 +154,37 @@ def _check_attack_spec(spec: dict, attack: str, where: str) -> None:
         raise PipelineError(f"{where}: {exc}") from None
 
 
-def check_overrides_name_models(config: dict, models, source: str = "config") -> None:
-    """Every attacks.overrides entry names a model of the zoo (a typo would be silently ignored)."""
-    known = set(models)
-    for model in config["attacks"]["overrides"]:
+def check_overrides(config: dict, zoo, source: str = "config") -> None:
+    """Every attacks.overrides entry can apply: it names a model of the zoo (``zoo``: the zoo
+    DataFrame), an enabled attack, and a model that attack is run on. Anything else would be
+    silently ignored, so it is a planning error."""
+    from .attacks import get_attack
+
+    rows = zoo.to_dict("records")
+    known = [row["model"] for row in rows]
+    attacks = config["attacks"]
+    for model, blocks in attacks["overrides"].items():
+        where = f"{source}: attacks.overrides.{model}"
         if model not in known:
-            close = sorted(known, key=lambda m: _distance(m, model))[:3]
-            raise PipelineError(
-                f"{source}: attacks.overrides.{model}: no model {model!r} in the zoo (closest: {', '.join(close)})"
-            )
+            raise PipelineError(f"{where}: no model {model!r} in the zoo (closest: {', '.join(closest(model, known))})")
+        for attack in blocks:
+            if attack not in attacks["enabled"]:
+                raise PipelineError(
+                    f"{where}.{attack}: {attack} is not in attacks.enabled ({', '.join(attacks['enabled'])}), "
+                    "so this override would never apply"
+                )
+            chosen = get_attack(attack).models(attacks[attack], rows)
+            if model not in chosen:
+                raise PipelineError(
+                    f"{where}.{attack}: {attack} is not run on {model} (it attacks {len(chosen)} of the "
+                    f"{len(known)} models: {', '.join(chosen[:8])}{' ...' if len(chosen) > 8 else ''}), "
+                    "so this override would never apply"
+                )
+
+
+def closest(name: str, known, n: int = 3) -> list[str]:
+    """The ``n`` known names nearest to ``name`` (edit distance), for 'did you mean' hints."""
+    return sorted(known, key=lambda k: (_distance(k, name), k))[:n]
 
 
 def _distance(a: str, b: str) -> int:

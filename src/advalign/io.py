@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -78,10 +79,76 @@ def save_npz(path, **arrays) -> None:
 
 
 def torch_save(obj, path) -> None:
+    """``torch.save``, atomically and byte-reproducibly: saved through a file object, the zip's
+    inner folder is torch's fixed ``archive/`` rather than the temporary file's random name, so
+    the same tensors always give the same bytes (and the same sha256)."""
     import torch
 
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+
+
+# The first bytes of formats a "checkpoint" sometimes turns out to be, named in the error.
+_FOREIGN_FORMATS = {
+    b"\x89HDF": "an HDF5 file (a Keras .h5?)",
+    b"<!DO": "an HTML page (a download that returned an error page?)",
+    b"<htm": "an HTML page (a download that returned an error page?)",
+    b"\x1f\x8b": "a gzip file",
+    b"{": "a JSON/text file",
+}
+
+
+def torch_load(path, what: str = "PyTorch checkpoint"):
+    """``torch.load(weights_only=True)`` of a file written by ``torch.save``, with one-line
+    errors that say what is wrong, naming the file: not a PyTorch file at all (and what it
+    looks like instead), truncated or damaged (every member's CRC is checked, which torch
+    itself does not do), or a pickle of Python objects that weights-only loading refuses."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError as exc:
+        raise PipelineError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+    if size == 0:
+        raise PipelineError(f"{path}: empty file, not a {what}")
+    if head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+            raise PipelineError(
+                f"{path}: truncated or damaged {what} ({size} bytes; its zip directory is unreadable ({exc}), "
+                "as when a copy or download stopped early)"
+            ) from None
+        if bad is not None:
+            raise PipelineError(f"{path}: damaged {what} (member {bad!r} fails its CRC check)")
+    elif not head.startswith(b"\x80"):  # neither torch's zip format nor its legacy pickle format
+        kind = next((name for magic, name in _FOREIGN_FORMATS.items() if head.startswith(magic)), None)
+        raise PipelineError(
+            f"{path}: not a {what} (expected a file written by torch.save"
+            + (f"; this is {kind})" if kind else f"; it starts with bytes {head[:4].hex(' ')})")
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        found = re.search(r"(Unsupported global: GLOBAL \S+|Unsupported operand \d+)", text)
+        detail = found.group(1) if found else text.strip().splitlines()[0][:100]
+        raise PipelineError(
+            f"{path}: wrong format for a {what}: it pickles Python objects beyond tensors and plain "
+            f"types, which weights-only loading refuses ({detail})"
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = reason.split(". This is an internal miniz error")[0][:120]
+        raise PipelineError(f"{path}: truncated or damaged {what} ({reason})") from None
 
 
 def require_file(path, what: str) -> Path:

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .io import PipelineError, torch_save
+from .io import PipelineError, torch_load, torch_save
 
 META_REQUIRED = ("model_row", "num_classes", "data_config")
 DATA_CONFIG_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation")
@@ -117,12 +117,13 @@ def _build_key(row: dict, num_classes: int) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def check_models_build(rows, num_classes: int, cache: str | Path | None = None) -> None:
+def check_models_build(rows, num_classes: int, cache: str | Path | None = None, source: dict | None = None) -> None:
     """Build every zoo row's architecture on the meta device (no memory, no weights): an unknown
     timm name or bad timm_kwargs is then a one-line planning error, not a failed training job.
 
     ``cache``: a file listing the (timm name, timm_kwargs, classes, timm and torch version) keys
     that built before; those are not built again, so a second plan skips timm's ~5 s import.
+    ``source``: where each model is declared (``zoo.attrs["source"]``), named in the error.
     """
     cache = Path(cache) if cache is not None else None
     known = set(cache.read_text().split()) if cache is not None and cache.is_file() else set()
@@ -132,8 +133,12 @@ def check_models_build(rows, num_classes: int, cache: str | Path | None = None) 
     import torch
 
     for row, _ in todo:
-        with torch.device("meta"):
-            build_model(row, num_classes)
+        try:
+            with torch.device("meta"):
+                build_model(row, num_classes)
+        except PipelineError as exc:
+            where = (source or {}).get(row["model"])
+            raise PipelineError(f"{where}: {exc}" if where else str(exc)) from None
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         partial = cache.with_name(f"{cache.name}.{os.getpid()}")
@@ -265,9 +270,9 @@ def load_model(weights_path, row: dict | None = None, device="cpu") -> tuple[nn.
     if not path.is_file():
         raise PipelineError(f"{name}: weights not found at {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt / truncated / not a torch file
-        raise PipelineError(f"{name}: cannot read weights {path}: {str(exc).splitlines()[0]}") from None
+        obj = torch_load(path, "PyTorch weights file")  # corrupt / truncated / not a torch file
+    except PipelineError as exc:
+        raise PipelineError(f"{name}: {exc}") from None
 
     if isinstance(obj, dict) and "meta" in obj and "state_dict" in obj:
         meta = dict(obj["meta"])

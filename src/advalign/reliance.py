@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +26,10 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from .columns import CONFLICT_ARRAYS, RELIANCE_COLUMNS, SPLIT_ARRAYS
-from .io import PipelineError, require_file
+from .columns import CONFLICT_ARRAYS, RELIANCE_COLUMNS
+from .io import PipelineError
 from .models import attacked_model
+from .stimulus_file import load_stimulus_file
 from .transforms import resize_and_crop
 
 log = logging.getLogger(__name__)
@@ -38,34 +38,19 @@ OCCLUSION_THRESHOLD = 0.5  # human map (max-normalised to 1) at or above this = 
 OCCLUSION_SEED = 20240229
 
 
-def _load_arrays(path, names, what: str) -> dict:
-    path = require_file(path, what)
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            missing = [k for k in names if k not in npz.files]
-            if missing:
-                raise PipelineError(f"{path}: missing array(s) {', '.join(missing)} (expected {', '.join(names)})")
-            data = {k: npz[k] for k in names}
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise PipelineError(f"{path}: not a readable NPZ file ({exc})") from None
-    n = len(data["images"])
-    if n == 0 or any(len(data[k]) != n for k in names):
-        raise PipelineError(f"{path}: {', '.join(names)} must have one entry per image (got {n} images)")
-    return data
-
-
 def load_conflict_set(path) -> dict:
-    """The cue-conflict NPZ (columns.CONFLICT_ARRAYS), checked."""
-    data = _load_arrays(path, CONFLICT_ARRAYS, "cue-conflict set")
+    """The cue-conflict NPZ (columns.CONFLICT_ARRAYS), checked as the stimuli are."""
+    data = load_stimulus_file(path, CONFLICT_ARRAYS, "cue-conflict set")
     if (data["part"] == data["context"]).any():
         raise PipelineError(f"{path}: some images have part and context of the same class (not a conflict set)")
     return data
 
 
 def load_stimulus_set(path) -> dict:
-    """The stimuli NPZ (columns.SPLIT_ARRAYS), read here rather than through the attack code so
-    that an attack edit does not re-measure reliance (advalign.provenance)."""
-    return _load_arrays(path, SPLIT_ARRAYS, "stimulus file")
+    """The stimuli NPZ (columns.SPLIT_ARRAYS), checked (shapes, finite maps) by the one reader
+    every stage uses (advalign.stimulus_file), not through the attack code, so that an attack
+    edit does not re-measure reliance (advalign.provenance)."""
+    return load_stimulus_file(path)
 
 
 @torch.no_grad()

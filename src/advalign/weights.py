@@ -15,7 +15,7 @@ import logging
 from functools import lru_cache
 from pathlib import Path
 
-from .io import PipelineError, torch_save
+from .io import PipelineError, torch_load, torch_save
 from .models import timm_kwargs
 
 log = logging.getLogger(__name__)
@@ -78,10 +78,15 @@ def _current_architectures() -> frozenset[str]:
     return frozenset(timm.list_models())
 
 
-def check_zoo_timm_names(rows) -> None:
-    """Check every (model, timm_name) pair; the first unknown one is the error."""
+def check_zoo_timm_names(rows, source: dict | None = None) -> None:
+    """Check every (model, timm_name) pair; the first unknown one is the error, prefixed with
+    where the model is declared (``source``: ``zoo.attrs["source"]``)."""
     for row in rows:
-        check_timm_name(row["timm_name"], row["model"])
+        try:
+            check_timm_name(row["timm_name"], row["model"])
+        except PipelineError as exc:
+            where = (source or {}).get(row["model"])
+            raise PipelineError(f"{where}: {exc}" if where else str(exc)) from None
 
 
 def fetch_pretrained_weights(row: dict, out_path: str | Path) -> Path:
@@ -141,10 +146,9 @@ def _load_checkpoint_tensors(path: Path, where: str) -> dict:
     import torch
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, not a torch file, pickled code: one line
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise PipelineError(f"{where}: checkpoint {path} is not a readable torch file ({reason})") from None
+        obj = torch_load(path)  # not a torch file, truncated, pickled code: one line each
+    except PipelineError as exc:
+        raise PipelineError(f"{where}: checkpoint {exc}") from None
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "model_state_dict"):
             if isinstance(obj.get(key), dict):

@@ -37,10 +37,14 @@ def read_zoo_table(path: str | Path) -> pd.DataFrame:
             table[column] = ""
     table["training"] = table["training"].replace("", "standard")
     lines = _data_line_numbers(path)
+    first_line = {}
     for i, row in table.iterrows():
         where = f"{path}: line {lines[i]} ({row['model'] or '?'})"
         if not _ID.match(row["model"]):
             raise PipelineError(f"{where}: model id must match {_ID.pattern}")
+        if row["model"] in first_line:
+            raise PipelineError(f"{where}: model id already used on line {first_line[row['model']]}")
+        first_line[row["model"]] = lines[i]
         if row["arch_class"] not in ARCH_CLASSES:
             raise PipelineError(f"{where}: arch_class {row['arch_class']!r} is not one of {', '.join(ARCH_CLASSES)}")
         if row["training"] not in TRAINING_KINDS:
@@ -54,6 +58,7 @@ def read_zoo_table(path: str | Path) -> pd.DataFrame:
             raise PipelineError(f"{where}: epochs {row['epochs']!r} is not a whole number >= 1 ('' = training.epochs)")
         if row["checkpoint_keys"] and not row["checkpoint"]:
             raise PipelineError(f"{where}: checkpoint_keys {row['checkpoint_keys']!r} given without a checkpoint")
+    table.attrs["source"] = {row["model"]: f"{path}: line {lines[i]}" for i, row in table.iterrows()}
     return table
 
 
@@ -88,6 +93,7 @@ def _as_float(value) -> float:
 def load_zoo(config: dict) -> pd.DataFrame:
     """All models the pipeline attacks, base and derived, in a stable order."""
     base = read_zoo_table(config["zoo"]["table"])
+    source = dict(base.attrs["source"])
     rows = base.to_dict("records")
     known = {r["model"]: r for r in rows}
     for i, spec in enumerate(config["zoo"].get("derived", [])):
@@ -96,7 +102,8 @@ def load_zoo(config: dict) -> pd.DataFrame:
         if parent is None:
             raise PipelineError(f"{where}: base_model {spec['base_model']!r} is not in {config['zoo']['table']}")
         if spec["model"] in known:
-            raise PipelineError(f"{where}: model id already used")
+            raise PipelineError(f"{where}: model id already used ({source[spec['model']]})")
+        source[spec["model"]] = f"config zoo.derived[{i}]"
         row = dict(parent)
         row.update(
             model=spec["model"],
@@ -118,7 +125,10 @@ def load_zoo(config: dict) -> pd.DataFrame:
     if zoo["model"].duplicated().any():
         dup = zoo.loc[zoo["model"].duplicated(), "model"].iloc[0]
         raise PipelineError(f"{config['zoo']['table']}: model id {dup!r} appears twice")
-    return zoo.reset_index(drop=True)
+    zoo = zoo.reset_index(drop=True)
+    # Where each model is declared ("zoo.csv: line 3", "config zoo.derived[0]"), for errors.
+    zoo.attrs["source"] = source
+    return zoo
 
 
 def derived_spec(config: dict, model: str) -> dict:

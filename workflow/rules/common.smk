@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from advalign.config import check_overrides_name_models, validate_config
+from advalign.config import check_overrides, validate_config
 from advalign.cpu_kernels import pin as pin_cpu_kernels
 from advalign.models import check_models_build
 from advalign.io import PipelineError
+from advalign.columns import CONFLICT_ARRAYS
+from advalign.stimulus_file import check_stimulus_file_cached
 from advalign.zoo import derived_spec, load_zoo
 from advalign.attacks import attack_names, get_attack
 from advalign.figure_registry import figure_names
@@ -24,7 +26,7 @@ try:
     pin_cpu_kernels(config["cpu_kernels"])
     ZOO = load_zoo(config)
     # A per-model override for a model that is not in the zoo would silently do nothing.
-    check_overrides_name_models(config, ZOO["model"])
+    check_overrides(config, ZOO)
     # Planning checks, not repeated inside each cluster job (that job's plan was checked
     # on the submit host; the build check alone costs ~6 s of timm import and builds).
     if config["data"]["kind"] == "synthetic" and not (
@@ -35,7 +37,20 @@ try:
             ZOO.to_dict("records"),
             config["data"]["synthetic"]["n_classes"],
             cache=Path(".snakemake") / "advalign" / "architectures-built.txt",
+            source=ZOO.attrs["source"],
         )
+    if not (workflow.remote_exec or workflow.subprocess_exec):
+        # Stimuli already on disk with a NaN map (or the wrong shapes) stop here, before any job
+        # would compute on them (advalign.stimulus_file); an unchanged file is read once.
+        check_stimulus_file_cached(
+            "results/data/stimuli.npz", Path(".snakemake") / "advalign"
+        )
+        if config["data"]["kind"] == "synthetic":
+            check_stimulus_file_cached(
+                "results/data/conflict.npz",
+                Path(".snakemake") / "advalign",
+                CONFLICT_ARRAYS,
+            )
 except PipelineError as exc:
     raise WorkflowError(str(exc)) from None
 
@@ -195,6 +210,22 @@ def stop_if_data_missing():
         if rule_name in needed:
             print(
                 f"error: job {rule_name} needs the paper's data: {reason}",
+                file=sys.stderr,
+            )
+            sys.exit(1)
+
+
+def stop_if_no_cores():
+    """For onstart: with --cores 0 a local run would wait forever at "Select jobs to execute"
+    while holding the lock; say so in one line instead."""
+    cores = workflow.global_resources.get("_cores")
+    cores = getattr(cores, "value", cores)
+    if workflow.local_exec and cores is not None and cores < 1:
+        needed = sum(1 for _ in workflow.dag.needrun_jobs())
+        if needed:
+            print(
+                f"error: --cores {cores} leaves no core for the {needed} job(s) to run; "
+                "give --cores N (N >= 1) or --cores all",
                 file=sys.stderr,
             )
             sys.exit(1)

@@ -15,7 +15,9 @@ if not SYNTHETIC:
 
     try:
         # An unknown architecture or pretrained tag is a planning error, not a job failure.
-        check_zoo_timm_names(ZOO_ROWS[m] for m in CACHED_MODELS)
+        check_zoo_timm_names(
+            (ZOO_ROWS[m] for m in CACHED_MODELS), source=ZOO.attrs["source"]
+        )
         # A checkpoint (or rename table) that is not there: say so now, naming the row.
         CHECKPOINT_INPUTS = {m: checkpoint_inputs(ZOO_ROWS[m]) for m in IMPORTED_MODELS}
         if not config["data"]["paper"]["fetch_weights"]:

@@ -11,18 +11,18 @@ import hashlib
 import json
 import logging
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..columns import ATTACK_COLUMNS, EXAMPLE_ARRAYS, SPLIT_ARRAYS
+from ..columns import ATTACK_COLUMNS, EXAMPLE_ARRAYS
 from ..cpu_kernels import active_kernels
 from ..device import resolve_device
 from ..io import PipelineError, require_file, save_npz, write_table
 from ..metrics import adversarial_alignment
+from ..stimulus_file import load_stimulus_file
 from ..transforms import model_view
 from .function import PRECISIONS, AttackedFunction, batches
 from .pgd import image_key
@@ -68,42 +68,8 @@ def check_job(job: dict) -> dict:
 
 
 def load_stimuli(path) -> dict:
-    """The stimulus NPZ (columns.SPLIT_ARRAYS), checked for shapes and types."""
-    path = require_file(path, "stimulus file")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            missing = [k for k in SPLIT_ARRAYS if k not in npz.files]
-            if missing:
-                raise PipelineError(
-                    f"{path}: missing array(s) {', '.join(missing)} (expected {', '.join(SPLIT_ARRAYS)})"
-                )
-            data = {k: npz[k] for k in SPLIT_ARRAYS}
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise PipelineError(f"{path}: not a readable NPZ file ({exc})") from None
-    images, labels, maps, has_map, ids = (data[k] for k in SPLIT_ARRAYS)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise PipelineError(f"{path}: images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
-    n = len(images)
-    if n == 0:
-        raise PipelineError(f"{path}: no stimuli")
-    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
-        raise PipelineError(f"{path}: labels must be non-negative integers [N={n}], got {labels.dtype} {labels.shape}")
-    if maps.shape != images.shape[:3]:
-        raise PipelineError(f"{path}: maps must be [N, H, W] = {images.shape[:3]}, got {maps.shape}")
-    if has_map.shape != (n,) or ids.shape != (n,):
-        raise PipelineError(f"{path}: has_map and ids must have one entry per image ({n})")
-    if len(set(ids.tolist())) != n:
-        raise PipelineError(f"{path}: image ids are not unique")
-    if not np.issubdtype(maps.dtype, np.floating) and not np.issubdtype(maps.dtype, np.integer):
-        raise PipelineError(f"{path}: maps must be numeric, got {maps.dtype}")
-    bad = ~np.isfinite(maps.reshape(n, -1)).all(axis=1)
-    if bad.any():
-        named = ", ".join(str(i) for i in ids[bad][:5]) + (" ..." if bad.sum() > 5 else "")
-        raise PipelineError(f"{path}: human maps of {int(bad.sum())} image(s) hold NaN or infinite values ({named})")
-    data["labels"] = labels.astype(np.int64)
-    data["has_map"] = has_map.astype(bool)
-    data["ids"] = ids.astype(str)
-    return data
+    """The stimulus NPZ (columns.SPLIT_ARRAYS), checked for shapes, types and finite maps."""
+    return load_stimulus_file(path)
 
 
 def _default_model_loader(weights_path, row: dict, device):
@@ -295,7 +261,7 @@ def run_attack_job(
     batch_size = job["batch_size"]
     bar = tqdm(total=len(bounds), desc=f"{attack.name} {row['model']}", file=sys.stderr, disable=not progress)
     for number, (start, stop) in enumerate(bounds):
-        chunk = store.load(number, start, stop)
+        chunk = store.load(number, start, stop, expected=(*_PER_IMAGE_COLUMNS, "kept_perturbations"))
         if chunk is None:
             chunk, batch_size = _attack_chunk_fitting(fn, attack, config, stimuli, data_config, start, stop,
                                                       {**job, "batch_size": batch_size}, progress)  # fmt: skip

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -59,19 +58,33 @@ class ChunkStore:
     def path(self, number: int) -> Path:
         return self.directory / f"chunk_{number:05d}.npz"
 
-    def load(self, number: int, start: int, stop: int) -> dict | None:
-        """A finished chunk's arrays, or None if absent, unreadable or not from this job."""
+    def load(self, number: int, start: int, stop: int, expected=()) -> dict | None:
+        """A finished chunk's arrays, or None if absent. A chunk that cannot be used -- unreadable
+        (truncated, a bad CRC, a corrupt compressed stream), from another job or stimulus range,
+        or lacking one of the ``expected`` arrays -- is logged with its path and why, removed,
+        and None is returned, so the job recomputes it: a damaged chunk never stops a job."""
         path = self.path(number)
         if not path.is_file():
             return None
         try:
             with np.load(path, allow_pickle=False) as npz:
                 chunk = {k: npz[k] for k in npz.files}
-        except (OSError, ValueError, zipfile.BadZipFile):
-            return None
-        if str(chunk.get("job_hash")) != self.digest or int(chunk["start"]) != start or int(chunk["stop"]) != stop:
-            return None
-        return chunk
+            problem = None
+            missing = [k for k in ("job_hash", "start", "stop", *expected) if k not in chunk]
+            if missing:
+                problem = f"lacks array(s) {', '.join(missing)}"
+            elif str(chunk["job_hash"]) != self.digest:
+                problem = "written by a different job"
+            elif (int(chunk["start"]), int(chunk["stop"])) != (start, stop):
+                problem = f"covers stimuli {int(chunk['start'])}-{int(chunk['stop'])}, not {start}-{stop}"
+        except Exception as exc:  # any damage: zipfile, zlib, numpy header or EOF errors
+            kind = type(exc).__name__ if type(exc).__module__ == "builtins" else f"{type(exc).__module__}.{type(exc).__name__}"
+            problem = f"unreadable ({kind}: {(str(exc).splitlines() or [''])[0][:100]})"
+        if problem is None:
+            return chunk
+        log.warning("%s: chunk %s; removed, recomputing it", path, problem)
+        path.unlink(missing_ok=True)
+        return None
 
     def save(self, number: int, start: int, stop: int, chunk: dict) -> None:
         save_npz(self.path(number), job_hash=np.array(self.digest), start=np.array(start), stop=np.array(stop),

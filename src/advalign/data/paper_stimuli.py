@@ -30,6 +30,7 @@ import pandas as pd
 
 from ..columns import CLASS_COLUMNS, MANIFEST_COLUMNS, SPLIT_ARRAYS
 from ..io import PipelineError, save_npz, write_table
+from ..stimulus_file import check_stimulus_arrays
 from .clickme import ClickMeRecord, clickme_preprocess, index_shard, read_clickme_record
 from .imagenet import NUM_CLASSES, imagenet_classes
 
@@ -152,6 +153,7 @@ def write_paper_stimuli(shards, spec: dict, seed: int, outputs: dict, verify_crc
         "ids": np.array(ids),
     }
     classes, manifest = stimulus_tables(records)
+    check_stimulus_arrays(arrays, f"{outputs['stimuli']} (not written)")  # a map with NaN never reaches a job
     save_npz(Path(outputs["stimuli"]), **{name: arrays[name] for name in SPLIT_ARRAYS})
     write_table(classes, Path(outputs["classes"]))
     write_table(manifest, Path(outputs["manifest"]))

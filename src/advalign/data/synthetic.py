@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from ..columns import CLASS_COLUMNS, CONFLICT_ARRAYS, CONFLICT_SPLIT, MANIFEST_COLUMNS, SPLIT_ARRAYS, SPLITS
 from ..io import PipelineError, atomic_path, write_table
+from ..stimulus_file import check_stimulus_arrays
 
 ANIMATE_NAMES = (
     "monkey", "owl", "frog", "tiger", "goldfish", "butterfly", "tortoise", "flamingo", "rabbit", "snake",
@@ -362,6 +363,7 @@ def write_synthetic_dataset(spec: dict, seed: int, outputs: dict) -> None:
         for split in splits:
             arrays = generate_split(split, spec, seed, world=world, progress=progress)
             names = CONFLICT_ARRAYS if split == CONFLICT_SPLIT else SPLIT_ARRAYS
+            check_stimulus_arrays(arrays, f"{outputs[split]} (not written)", names)  # finite maps, shapes
             save_npz_reproducibly(outputs[split], {name: arrays[name] for name in names})
             if split == "stimuli":
                 names = classes["class_name"].to_numpy()
