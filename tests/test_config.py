@@ -124,6 +124,23 @@ BAD_OVERLAYS = {
                          "attacks.pgd_l2: PGD bounds need 0 < eps_min < eps_max, got 20.0 and 10.0"),
     "unordered override": ({"attacks": {"overrides": {"vit_demo": {"pgd_linf": {"eps_max": 1e-7}}}}},
                            "attacks.overrides.vit_demo.pgd_linf: PGD bounds need 0 < eps_min < eps_max"),
+    # Everything the config names is used, or refused: nothing is silently ignored.
+    "style of a figure that does not exist": (
+        {"figures": {"style": {"fig_2": {"font_size": 3}}}},
+        "figures.style: unknown key 'fig_2' (did you mean 'fig2'? expected one of: fig2, fig3"),
+    "misspelt style key": ({"figures": {"style": {"fig2": {"fontsize": 3}}}},
+                           "figures.style.fig2: unknown key 'fontsize' (did you mean 'font_size'?"),
+    "style value of the wrong kind": ({"figures": {"style": {"fig3": {"label_models": "some"}}}},
+                                      "figures.style.fig3.label_models: 'some' is not one of"),
+    "override for a model the attack does not run on": (
+        {"attacks": {"overrides": {"levit_demo": {"cw_l2": {"steps": 5}}}}},
+        "attacks.overrides.levit_demo.cw_l2: cw_l2 is not run on levit_demo (it attacks 8 of the 28 models"),
+    "override for an attack that is not enabled": (
+        {"attacks": {"overrides": {"resnet_demo": {"fmn_l2": {"steps": 5}}}}},
+        "attacks.overrides.resnet_demo.fmn_l2: fmn_l2 is not in attacks.enabled (pgd_l2, pgd_linf, cw_l2)"),
+    "empty class list": ({"data": {"paper": {"stimuli": {"classes": []}}}},
+                         "data.paper.stimuli.classes: [] is not valid (expected 'all' (the 1000 ImageNet classes) "
+                         "or a non-empty list of class indices 0..999)"),
 }
 
 
@@ -158,7 +175,30 @@ def test_unknown_architectures_and_bad_kwargs_of_the_demo_zoo_fail_while_plannin
         path.write_text(yaml.safe_dump({"zoo": {"table": str(table)}}))
         assert main(["check-config", str(path)]) == 1
         err = capsys.readouterr().err
-        assert "resnet_demo: " + message in err and err.count("\n") == 1, err
+        # The zoo table's file and line, then the model.
+        line = next(n for n, r in enumerate(edited, start=1) if r.startswith("resnet_demo,"))
+        assert f"{table}: line {line}: resnet_demo: " + message in err and err.count("\n") == 1, err
+
+
+def test_duplicate_model_ids_name_both_lines(tmp_path, capsys):
+    from advalign.cli import main
+
+    rows = (REPO / "config/zoo_demo.csv").read_text().splitlines()
+    table = tmp_path / "zoo.csv"
+    first = next(n for n, r in enumerate(rows, start=1) if r.startswith("resnet_demo,"))
+    table.write_text("\n".join([*rows, rows[first - 1]]) + "\n")  # resnet_demo again, as the last row
+    path = tmp_path / "overlay.yaml"
+    path.write_text(yaml.safe_dump({"zoo": {"table": str(table)}}))
+    assert main(["check-config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{table}: line {len(rows) + 1} (resnet_demo): model id already used on line {first}" in err, err
+    assert err.count("\n") == 1, err
+    derived = tmp_path / "derived.yaml"  # a derived model reusing a table id names the table line
+    derived.write_text(yaml.safe_dump({"zoo": {"derived": [{"model": "vit_demo", "training": "control",
+                                                            "base_model": "resnet_demo"}]}}))  # fmt: skip
+    assert main(["check-config", str(derived)]) == 1
+    err = capsys.readouterr().err
+    assert "config zoo.derived[0] (vit_demo): model id already used (config/zoo_demo.csv: line" in err, err
 
 
 def test_yaml_errors_name_the_line(tmp_path, capsys):

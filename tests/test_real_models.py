@@ -226,7 +226,7 @@ def test_a_malformed_checkpoint_is_one_line_and_leaves_nothing(tmp_path):
     out = tmp_path / "cache" / "mine.pth"
     with pytest.raises(PipelineError) as excinfo:
         import_checkpoint(_row(checkpoint=str(broken)), broken, out)
-    assert _one_line(excinfo).startswith(f"model 'mine': checkpoint {broken} is not a readable torch file")
+    assert _one_line(excinfo).startswith(f"model 'mine': checkpoint {broken}: not a PyTorch checkpoint (expected a file")
     not_tensors = tmp_path / "dict.pth"
     torch.save({"epoch": 3, "note": "no tensors"}, not_tensors)
     with pytest.raises(PipelineError, match="holds no state dict"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -186,8 +187,57 @@ def test_missing_or_mismatched_weights_are_one_line_errors(base, tmp_path):
     with pytest.raises(PipelineError, match=r"^some_model: weights not found at .*nope\.pt$"):
         load_model(tmp_path / "nope.pt", row={**ROW, "model": "some_model"})
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
-    with pytest.raises(PipelineError, match="cannot read weights"):
+    with pytest.raises(PipelineError, match=r"junk\.pt: not a PyTorch weights file \(expected a file written by "
+                                            r"torch\.save; it starts with bytes 6e 6f 74 20\)$"):  # fmt: skip
         load_model(tmp_path / "junk.pt", row=ROW)
+    with pytest.raises(PipelineError, match="wrong format for a PyTorch weights file: it pickles Python objects"):
+        torch.save({"state_dict": {}, "meta": {"model_row": ROW, "x": Path("/")}}, tmp_path / "pickled.pt")
+        load_model(tmp_path / "pickled.pt", row=ROW)
+
+
+def _damaged_weights(weights: Path) -> dict[str, bytes]:
+    data = weights.read_bytes()
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0xFF  # torch itself would load this without a word
+    return {
+        "random bytes": np.random.default_rng(0).bytes(4096),
+        "truncated": data[: len(data) // 2],
+        "cut at the end": data[:-40],
+        "a flipped byte": bytes(flipped),
+        "an HTML page": b"<!DOCTYPE html><html><body>404 Not Found</body></html>",
+        "empty": b"",
+    }
+
+
+@pytest.mark.parametrize("kind", ["random bytes", "truncated", "cut at the end", "a flipped byte", "an HTML page",
+                                  "empty"])  # fmt: skip
+def test_damaged_weights_say_what_is_wrong_in_one_line(base, tmp_path, kind):
+    """Not a PyTorch file (and what it is instead), truncated, or damaged: never torch's own text."""
+    expected = {
+        "random bytes": "not a PyTorch weights file (expected a file written by torch.save; it starts with bytes",
+        "truncated": "truncated or damaged PyTorch weights file",
+        "cut at the end": "truncated or damaged PyTorch weights file",
+        "a flipped byte": "damaged PyTorch weights file (member 'archive/data/",
+        "an HTML page": "not a PyTorch weights file (expected a file written by torch.save; this is an HTML page",
+        "empty": "empty file, not a PyTorch weights file",
+    }[kind]
+    path = tmp_path / "weights.pt"
+    path.write_bytes(_damaged_weights(base / "weights.pt")[kind])
+    with pytest.raises(PipelineError) as excinfo:
+        load_model(path, row=ROW)
+    message = str(excinfo.value)
+    assert message.startswith(f"{ROW['model']}: {path}: ") and expected in message, message
+    assert "\n" not in message and "Weights only load failed" not in message and "Errno" not in message, message
+
+
+def test_the_same_tensors_give_the_same_file_bytes(base, tmp_path):
+    """Weights files are byte-reproducible: the zip's inner folder does not carry the temporary name."""
+    from advalign.io import torch_save
+
+    state = torch.load(base / "weights.pt", weights_only=True)
+    torch_save(state, tmp_path / "a.pt")
+    torch_save(state, tmp_path / "b" / "weights.pt")
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b" / "weights.pt").read_bytes()
     with pytest.raises(PipelineError, match="the zoo says convnext_atto"):
         load_model(base / "weights.pt", row={**ROW, "timm_name": "convnext_atto"})
     with pytest.raises(PipelineError, match="timm cannot build"):

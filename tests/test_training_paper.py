@@ -192,6 +192,8 @@ def _resume_and_compare(spec: dict, folder: Path, reference: Path, interrupted_a
     assert first.keys() == second.keys()
     worst = max(float((first[k].double() - second[k].double()).abs().max()) for k in first if first[k].numel())
     assert worst <= 1e-6, worst
+    # Byte-reproducible: the resumed run's weights file is the uninterrupted one, byte for byte.
+    assert (folder / "weights.pt").read_bytes() == (reference / "run" / "weights.pt").read_bytes()
     a = pd.read_csv(reference / "run" / "history.csv")
     b = pd.read_csv(folder / "history.csv")
     pd.testing.assert_frame_equal(a.drop(columns="seconds"), b.drop(columns="seconds"), rtol=1e-9)
