@@ -96,7 +96,7 @@ def paper_data(tmp: Path, stimulus_classes: list[int], train_classes: list[int] 
     build_imagenet_class_folders(tmp / "imagenet" / "train", train_classes or stimulus_classes)
     build_imagenet_class_folders(tmp / "imagenet" / "val", stimulus_classes, per_class=1)
     return {
-        "clickme": {"shard_dir": str(clickme)},
+        "clickme": {"shard_dir": str(clickme), "fetch": {"base_url": None}},  # placed by hand: no network
         "imagenet": {"train_dir": str(tmp / "imagenet" / "train"), "val_dir": str(tmp / "imagenet" / "val")},
         "stimuli": {"classes": list(stimulus_classes), "image_size": 64},
         "weights_cache": str(tmp / "weights"),

@@ -62,6 +62,7 @@ def test_dry_run_plans_one_attack_per_model_and_attack(workdir):
         "fetch_weights": n_standard,  # the cache of the fixture is empty
         "train": n_models - n_standard,
         "paper_stimuli": 1,
+        "clickme_shards": 2,  # val (stimuli) and train (the harmonizer's maps)
         "imagenet_index": 2,
         "model_table": 1,
         "statistical_tests": 1,
@@ -125,7 +126,7 @@ def test_missing_shards_plan_in_a_dry_run_and_stop_a_real_run_in_one_line(workdi
     output = proc.stdout + proc.stderr
     assert re.search(r"note: .*clickme/test-\*\.tfrecords: no ClickMe shard matches .*data\.paper\.clickme\.stimulus_shards",
                      output)  # fmt: skip
-    assert re.search(r"^paper_stimuli\s+1$", output, re.M)
+    assert re.search(r"^paper_stimuli\s+1$", output, re.M) and re.search(r"^clickme_shards\s+2$", output, re.M)
     # A real run that needs them stops before any job, in one line naming the keys.
     stimuli = workdir / "results" / "data" / "stimuli.npz"
     before = stimuli.stat().st_mtime_ns if stimuli.exists() else None  # another test may have made it
@@ -134,7 +135,7 @@ def test_missing_shards_plan_in_a_dry_run_and_stop_a_real_run_in_one_line(workdi
     assert proc.returncode != 0
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
     assert len(errors) == 1, errors
-    assert errors[0].startswith("error: job paper_stimuli needs the paper's data: ")
+    assert errors[0].startswith("error: job clickme_shards needs the paper's data: ")
     assert "test-*.tfrecords: no ClickMe shard matches (config data.paper.clickme.shard_dir = " in errors[0]
     assert errors[0].endswith("data.paper.clickme.stimulus_shards = ['test-*.tfrecords'])")
     assert (stimuli.stat().st_mtime_ns if stimuli.exists() else None) == before  # untouched
@@ -168,3 +169,14 @@ def test_unknown_timm_name_is_one_line(workdir):
     override = _write_override(workdir, "bad_zoo.yaml", zoo={"table": "bad_zoo.csv", "derived": []})
     message = _planning_error(workdir, override)
     assert "model 'xception': timm" in message and "no architecture 'xception'" in message
+
+
+def test_with_the_public_bucket_the_paper_plans_its_fetch_without_network(workdir):
+    """config/paper.yaml as shipped fetches ClickMe from the authors' bucket; planning needs no network."""
+    config = yaml.safe_load((workdir / "test_paper.yaml").read_text())
+    del config["data"]["paper"]["clickme"]["fetch"]  # the default: the public base URL
+    (workdir / "public.yaml").write_text(yaml.safe_dump(config))
+    proc = snakemake(workdir, "-n", "--configfile", "config/paper.yaml", "public.yaml")
+    output = proc.stdout + proc.stderr
+    assert re.search(r"^clickme_shards\s+2$", output, re.M) and re.search(r"^paper_stimuli\s+1$", output, re.M)
+    assert "no ClickMe shard" not in output and "shard folder not found" not in output  # nothing is "missing"

@@ -185,7 +185,7 @@ def training_data_inputs():
     return {
         "train": "results/data/imagenet_train.csv",
         "heldout": "results/data/imagenet_val.csv",
-        "clickme": clickme_train_shards(),
+        "clickme": "results/data/clickme_train.json",  # the fetched, verified shards
     }
 
 
@@ -248,14 +248,19 @@ def clickme_shards(key, rule_name):
         return []
 
 
-_CLICKME_TRAIN_SHARDS = []
+_HAND_PLACED = {}
 
 
-def clickme_train_shards():
-    """The ClickMe training shards, globbed once (only asked for when a model is trained)."""
-    if not _CLICKME_TRAIN_SHARDS:
-        _CLICKME_TRAIN_SHARDS.extend(clickme_shards("train_shards", "train"))
-    return list(_CLICKME_TRAIN_SHARDS)
+def clickme_hand_placed(split):
+    """Inputs of the rule clickme_shards: with fetch.base_url null, the shards placed in
+    shard_dir by hand (globbed once per split, so a replaced shard reruns the rule); none when
+    they are downloaded."""
+    if config["data"]["paper"]["clickme"]["fetch"]["base_url"] is not None:
+        return []
+    if split not in _HAND_PLACED:
+        key = "stimulus_shards" if split == "val" else "train_shards"
+        _HAND_PLACED[split] = clickme_shards(key, "clickme_shards")
+    return list(_HAND_PLACED[split])
 
 
 def imagenet_source(split):

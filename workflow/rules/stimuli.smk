@@ -57,13 +57,39 @@ else:
             script:
                 "../scripts/photo_shard.py"
 
+    localrules:
+        clickme_shards,
+
+    rule clickme_shards:
+        # One split of the public ClickMe shards (advalign.data.fetch), on the submitting host
+        # like the weights cache: downloaded from fetch.base_url (resumed, retried, every
+        # record's CRC checked, renamed atomically) or, with base_url null, the shards placed
+        # in shard_dir by hand; each shard's sha256 goes to {shard_dir}/{split}.lock.json.
+        # No code fingerprint: a module edit must not re-verify gigabytes of shards.
+        input:
+            lambda wildcards: clickme_hand_placed(wildcards.split),
+        output:
+            "results/data/clickme_{split}.json",
+        log:
+            "logs/data/clickme_{split}.log",
+        wildcard_constraints:
+            split="val|train",
+        conda:
+            "../../envs/torch.yaml"
+        params:
+            shard_dir=PAPER["clickme"]["shard_dir"],
+            base_url=PAPER["clickme"]["fetch"]["base_url"],
+            shards=lambda wildcards: PAPER["clickme"]["fetch"][wildcards.split],
+            patterns=lambda wildcards: PAPER["clickme"][
+                "stimulus_shards" if wildcards.split == "val" else "train_shards"
+            ],
+        script:
+            "../scripts/clickme_shards.py"
+
     rule paper_stimuli:
         input:
-            shards=(
-                [PHOTO_SHARD]
-                if PAPER["photos"]
-                else clickme_shards("stimulus_shards", "paper_stimuli")
-            ),
+            shards=[PHOTO_SHARD] if PAPER["photos"] else [],
+            manifest=[] if PAPER["photos"] else "results/data/clickme_val.json",
             class_table=str(CLASS_TABLE_PATH),
         output:
             stimuli="results/data/stimuli.npz",

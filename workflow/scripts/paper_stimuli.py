@@ -1,12 +1,16 @@
 """Snakemake script: the paper's stimulus set from the ClickMe shards."""
 
+from advalign.data.fetch import verified_shards
 from advalign.data.paper_stimuli import write_paper_stimuli
 from advalign.stage import run
 
 
 def main(smk):
+    # The fetched shards, checked against their lock file; or (photos) the shard made from them.
+    manifest = smk.input.get("manifest")
+    shards = verified_shards(manifest) if manifest else list(smk.input.shards)
     write_paper_stimuli(
-        list(smk.input.shards),
+        shards,
         smk.params.spec,
         seed=smk.params.seed,
         outputs=dict(smk.output.items()),

@@ -4,6 +4,7 @@ One process per GPU of the job (resources gpu / nodes): with more than one, trai
 re-launches itself under torchrun (advalign.distributed); otherwise it trains here.
 """
 
+from advalign.data.fetch import verified_shards
 from advalign.stage import run
 from advalign.training import train_model
 
@@ -11,8 +12,8 @@ from advalign.training import train_model
 def main(smk):
     gpus = int(smk.resources.get("gpu", 0) or 0)
     nodes = int(smk.resources.get("nodes", 1) or 1)
-    clickme = smk.input.get("clickme", [])  # paper: the ClickMe training shards
-    clickme = [clickme] if isinstance(clickme, str) else list(clickme or [])
+    clickme = smk.input.get("clickme")  # paper: the fetch manifest of the ClickMe training shards
+    clickme = verified_shards(clickme) if clickme else []
     train_model(
         smk.params.job,
         train_path=smk.input.train,
