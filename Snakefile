@@ -14,6 +14,7 @@ include: "workflow/rules/stimuli.smk"
 include: "workflow/rules/weights.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/attack.smk"
+include: "workflow/rules/human_alignment.smk"
 include: "workflow/rules/stats.smk"
 include: "workflow/rules/figures.smk"
 

@@ -26,8 +26,9 @@ FIGURE_RULES = {f"figure_{fig}" for fig in figure_names()}
 # attack or training output is re-planned ("all" has no job of its own to run).
 AGGREGATE_RULES = {"model_table", "statistical_tests", "claims", "table_s1", "table_s2", "all"} | FIGURE_RULES
 PER_MODEL_RULES = {"train", "attack"}
-# Measured cue reliance reads every model's weights: re-planned when the zoo's models change.
-RELIANCE_RULES = {"cue_reliance"}
+# Measured cue reliance and (synthetic: one job for all models) the human feature alignment read
+# every model's weights: re-planned when the zoo's models change.
+RELIANCE_RULES = {"cue_reliance", "human_alignment"}
 
 _JOB_HEADER = re.compile(r"^(?:local)?(?:rule|checkpoint) (\S+):$")
 _STATS_ROW = re.compile(r"^(\S+)\s+(\d+)$")

@@ -14,6 +14,7 @@ no conda channel can be reached.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -197,3 +199,92 @@ def test_workflow_runs_through_sbatch(request, slurm_cluster, tmp_path):
         assert ("gpu:1" in job["tres"]) == wants_gpu, job["line"]
     local = set(re.findall(r"^localrule (\w+):", log, flags=re.M))
     assert {"model_table", "claims", "figure_fig2"} <= local, sorted(local)
+
+
+# --------------------------------------------------------------------------- dress rehearsal
+
+PHOTO_LABELS = [285, 652, 657, 665, 872, 967]  # config/photos_real.csv
+REHEARSAL_TIMEOUT_S = 1200
+REHEARSAL_REMOTE = {"paper_stimuli", "attack", "human_alignment"}
+REHEARSAL_LOCAL = {"clickme_shards", "import_weights", "model_table", "table_s2", "claims"}
+
+
+def _bucket_of_photos(root: Path) -> Path:
+    """ClickMe-format shards made from the photos that ship in the wheels, laid out as the
+    authors' bucket: click-me/val/val-0.tfrecords (3 photos) and val-1.tfrecords (3 photos)."""
+    from advalign.data.photos import write_photo_shard
+
+    lines = (REPO / "config" / "photos_real.csv").read_text().splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("photo,"))
+    rows = lines[header + 1 :]
+    for i, part in enumerate((rows[:3], rows[3:])):
+        table = root / f"photos_{i}.csv"
+        table.write_text("\n".join([lines[header], *part]) + "\n")
+        write_photo_shard(table, root / "val" / f"val-{i}.tfrecords")
+    return root
+
+
+def test_dress_rehearsal_of_the_paper_from_public_inputs(request, slurm_cluster, tmp_path):
+    """config/paper.yaml through `snakemake --profile slurm` from raw public inputs: ClickMe is
+    fetched from a bucket on 127.0.0.1 (shards found, not assumed), the models are the wheels'
+    real EfficientNet-Lites, nothing is placed by hand, nothing is trained, no ImageNet. Every
+    figure and table comes out, and a second plan has nothing to do."""
+    from advalign.figure_registry import figure_names
+    from shard_server import serving
+
+    workdir = copy_repo(tmp_path / "repo")
+    bucket = _bucket_of_photos(tmp_path / "bucket")
+    small = {"gpu": 1, "runtime": 30, "mem_mb": 3000}
+    overlay = {
+        "device": "cpu",
+        "data": {"paper": {
+            "clickme": {"shard_dir": "data/clickme"},  # empty: everything comes from the server
+            "stimuli": {"classes": PHOTO_LABELS, "per_class": 1},
+            "weights_cache": "results/weights_cache", "fetch_weights": False,
+            "resources": {"attack": small, "stimuli": {**small, "gpu": 0}},
+        }},
+        "zoo": {"table": "config/zoo_real.csv", "derived": []},
+        "attacks": {"threads": 1, "batch_size": 8, "chunk_size": 8, "keep_examples": 6,
+                    "cw_l2": {"n_images": 2, "n_cnn": 1, "n_vit": 0, "steps": 10, "search_steps": 2}},
+        "figures": {"dpi": 80, "qualitative_images": 3, "qualitative_models": 3},
+    }  # fmt: skip
+    first_job = last_job_id()
+    with serving(bucket) as server:
+        overlay["data"]["paper"]["clickme"]["fetch"] = {"base_url": server.url, "retries": 1, "backoff_s": 0.1}
+        (workdir / "rehearsal.yaml").write_text(yaml.safe_dump(overlay))
+        cmd = ["timeout", "-k", "10", str(REHEARSAL_TIMEOUT_S), sys.executable, "-m", "snakemake", "--profile", "slurm",
+               "--configfile", "config/paper.yaml", "rehearsal.yaml", "--slurm-init-seconds-before-status-checks", "5"]  # fmt: skip
+        started = time.time()
+        try:
+            proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=REHEARSAL_TIMEOUT_S + 30)
+        finally:
+            cancel_leftovers(first_job)
+        asked = [(path, status) for path, _, status in server.requests]
+    jobs = squeue_lines(first_job)
+    say(request, f"dress rehearsal: rc={proc.returncode} in {time.time() - started:.0f} s, {len(jobs)} SLURM jobs")
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-8000:]
+    # ClickMe came from the server: val-0 and val-1, then the 404 that ends the split.
+    assert asked == [("/click-me/val/val-0.tfrecords", 200), ("/click-me/val/val-1.tfrecords", 200),
+                     ("/click-me/val/val-2.tfrecords", 404)], asked  # fmt: skip
+    lock = json.loads((workdir / "data/clickme/val.lock.json").read_text())
+    assert sorted(lock["shards"]) == ["val-0.tfrecords", "val-1.tfrecords"]
+    # Every figure and table.
+    for fig in figure_names():
+        for ext in ("png", "pdf"):
+            assert (workdir / f"figures/{fig}.{ext}").stat().st_size > 0, fig
+    for table in ("table_s1", "table_s2", "claims"):
+        for ext in ("csv", "md"):
+            assert (workdir / f"results/tables/{table}.{ext}").stat().st_size > 0, table
+    model_table = pd.read_csv(workdir / "results/stats/model_attack_table.csv")
+    assert set(model_table["model"]) == {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"}
+    assert model_table["human_alignment"].notna().all() and (model_table["n_human"] == 6).all()
+    # Nothing left to do, and planning it needs no network (the server is gone).
+    dry = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--configfile", "config/paper.yaml",
+                          "rehearsal.yaml"], cwd=workdir, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert "Nothing to be done" in dry.stdout + dry.stderr, (dry.stdout + dry.stderr)[-3000:]
+    # The heavy rules went through sbatch, the fetch and the imports ran on the submit host.
+    assert {j["rule"] for j in jobs} == REHEARSAL_REMOTE, [j["line"] for j in jobs]
+    assert all(j["state"] == "COMPLETED" for j in jobs), [j["line"] for j in jobs]
+    local = set(re.findall(r"^localrule (\w+):", log, flags=re.M))
+    assert REHEARSAL_LOCAL <= local, sorted(local)

@@ -45,11 +45,32 @@ def test_tables_follow_their_contracts(tiny_run):
         markdown = tiny_run.path(f"results/tables/{name}.md").read_text()
         assert markdown.count("|") > 2 * len(cols), name
     claims = pd.read_csv(tiny_run.path("results/tables/claims.csv"))
-    beyond = claims["source"] == "beyond the paper"  # the validation rows: no paper value
+    beyond = claims["source"] == "beyond the paper"  # the validation and reported rows: no paper value
     assert claims.loc[~beyond, "paper_value"].notna().all() and claims.loc[beyond, "paper_value"].isna().all()
-    assert set(claims.loc[beyond, "claim"].str.split(":").str[0]) == {"validation"} and beyond.sum() == 2
+    assert claims.loc[beyond, "claim"].str.split(":").str[0].value_counts().to_dict() == {"validation": 2,
+                                                                                          "reported": 2}  # fmt: skip
+    reported = claims[claims["claim"].str.startswith("reported:")]
+    assert reported["agrees"].isna().all() and reported["recomputed_value"].notna().all()
     reliance = pd.read_csv(tiny_run.path("results/stats/cue_reliance.csv"))
     assert list(reliance.columns) == list(columns.RELIANCE_COLUMNS) and reliance["model"].is_unique
+
+
+def test_every_model_has_its_human_feature_alignment(tiny_run):
+    """Table S2's measure, per image for every model, summarised in the model table and Table S2."""
+    from advalign.human_alignment import HUMAN_SPEARMAN_CEILING
+
+    table = pd.read_csv(tiny_run.path("results/stats/model_attack_table.csv"))
+    stimuli = np.load(tiny_run.path("results/data/stimuli.npz"))
+    for model in table["model"].unique():
+        scores = pd.read_csv(tiny_run.path(f"results/human_alignment/{model}.csv"))
+        assert list(scores.columns) == list(columns.HUMAN_ALIGNMENT_COLUMNS)
+        assert scores["image_id"].tolist() == stimuli["ids"][stimuli["has_map"]].tolist()
+        assert scores["spearman"].between(-1, 1).all() and scores[["dice", "iou"]].stack().between(0, 1).all()
+        rows = table[table["model"] == model]
+        expected = 100 * scores["spearman"].mean() / HUMAN_SPEARMAN_CEILING
+        assert np.allclose(rows["human_alignment"], expected) and (rows["n_human"] == len(scores)).all()
+    s2 = pd.read_csv(tiny_run.path("results/tables/table_s2.csv"))
+    assert s2["human_alignment"].notna().all() and s2["base_human_alignment"].notna().all()
 
 
 def test_model_table_covers_every_model_and_attack(tiny_run):

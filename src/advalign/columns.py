@@ -28,6 +28,7 @@ Stage files
 
 ``results/data/conflict.npz``           synthetic only: CONFLICT_ARRAYS, the cue-conflict set
 ``results/stats/cue_reliance.csv``      synthetic only: RELIANCE_COLUMNS, one row per model
+``results/human_alignment/{model}.csv``  HUMAN_ALIGNMENT_COLUMNS, one row per stimulus with a map
 ``results/stats/model_attack_table.csv``  MODEL_ATTACK_COLUMNS, one row per model x attack
 ``results/stats/tests.json``              list of TEST_KEYS dicts (every docs/methods.md §5 test)
 ``results/tables/claims.{csv,md}``        CLAIM_COLUMNS
@@ -171,8 +172,17 @@ MODEL_ATTACK_COLUMNS = (
     "part_reliance",  # cue-conflict decisions that follow the human-marked part, fraction in [0, 1]
     "accuracy_part_occluded",  # stimuli accuracy with the marked region noised, fraction in [0, 1]
     "accuracy_context_occluded",  # ... with everything outside it noised
+    # Human feature alignment of the model's own saliency (advalign.human_alignment; Table S2):
+    "human_alignment",  # mean spearman / the human ceiling 0.65753, x 100 (percent of the ceiling)
+    "human_spearman",  # mean per-image Spearman rho of saliency vs human map, [-1, 1]
+    "human_dice",  # mean Dice of the two maps' top-10 % pixels, [0, 1]
+    "human_iou",  # mean IoU of the same, [0, 1]
+    "n_human",  # images with a defined rho (a human map and a non-constant saliency)
 )
 RELIANCE_IN_MODEL_TABLE = ("part_reliance", "accuracy_part_occluded", "accuracy_context_occluded")
+HUMAN_IN_MODEL_TABLE = ("human_alignment", "human_spearman", "human_dice", "human_iou", "n_human")
+# results/human_alignment/{model}.csv (advalign.human_alignment): one row per stimulus with a map.
+HUMAN_ALIGNMENT_COLUMNS = ("image_id", "label", "clean_pred", "spearman", "dice", "iou")
 TEST_KEYS = ("name", "test", "statistic", "df", "p_value", "n", "detail")
 CLAIM_COLUMNS = (
     "claim",
@@ -186,5 +196,18 @@ CLAIM_COLUMNS = (
     "note",  # the agreement criterion, and why a value is missing
 )
 TABLE_S1_COLUMNS = ("arch_class", "family", "count")
-TABLE_S2_COLUMNS = ("model", "base_model", "harmonizer_lambda", "accuracy", "control_accuracy", "alignment", "base_alignment")
+TABLE_S2_COLUMNS = (
+    "model",
+    "base_model",
+    "harmonizer_lambda",
+    "accuracy",  # percent
+    "control_accuracy",
+    "alignment",  # adversarial alignment of l2-PGD (rho_s), not Table S2's quantity
+    "base_alignment",
+    "human_alignment",  # Table S2's "Human Alignment (%)": saliency vs ClickMe, percent of the human ceiling
+    "base_human_alignment",
+    "paper_model",  # the row of the paper's Table S2 this model is (empty: none)
+    "paper_accuracy",
+    "paper_human_alignment",
+)
 

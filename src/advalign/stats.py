@@ -44,6 +44,7 @@ from scipy import stats as sps
 from .columns import (
     ARCH_CLASSES,
     ATTACK_COLUMNS,
+    HUMAN_IN_MODEL_TABLE,
     MODEL_ATTACK_COLUMNS,
     RELIANCE_IN_MODEL_TABLE,
     TEST_KEYS,
@@ -253,17 +254,33 @@ def _read_reliance(path) -> dict[str, dict]:
     return {str(r["model"]): {c: _float_or_nan(r[c]) for c in RELIANCE_IN_MODEL_TABLE} for _, r in frame.iterrows()}
 
 
+def _read_human_alignment(paths, zoo) -> dict[str, dict]:
+    """model -> HUMAN_IN_MODEL_TABLE values, from results/human_alignment/{model}.csv."""
+    from .human_alignment import read_scores, summarize
+
+    found = {}
+    for path in paths or []:
+        model = Path(path).stem
+        if model not in zoo:
+            raise PipelineError(f"{path}: model {model!r} is not in the zoo")
+        found[model] = summarize(read_scores(path))
+    return found
+
+
 def build_model_table(zoo_rows: list[dict], attack_paths: list[str], metrics_paths: list[str],
-                      reliance_path=None) -> pd.DataFrame:  # fmt: skip
+                      reliance_path=None, human_paths=None) -> pd.DataFrame:  # fmt: skip
     """One row per model x attack present (MODEL_ATTACK_COLUMNS), in zoo order then attack order.
 
     Accuracy is the pipeline's held-out accuracy where the model was trained here
     (metrics.json), else the zoo's published top-1; both in percent. ``reliance_path``
     (synthetic data): the measured cue reliance per model (advalign.reliance), else NaN.
+    ``human_paths``: each model's per-image human feature alignment (advalign.human_alignment);
+    NaN for a model without one.
     """
     zoo = _check_zoo_rows(zoo_rows)
     accuracies = _read_accuracies(metrics_paths)
     reliance = _read_reliance(reliance_path)
+    human = _read_human_alignment(human_paths, zoo)
     unmeasured = sorted(set(zoo) - set(reliance)) if reliance_path is not None else []
     if unmeasured:
         raise PipelineError(f"{reliance_path}: no cue reliance for model(s) {', '.join(unmeasured)}")
@@ -293,6 +310,7 @@ def build_model_table(zoo_rows: list[dict], attack_paths: list[str], metrics_pat
                 "accuracy": accuracy,
                 **summarize_attack(frame),
                 **reliance.get(model, dict.fromkeys(RELIANCE_IN_MODEL_TABLE, math.nan)),
+                **human.get(model, dict.fromkeys(HUMAN_IN_MODEL_TABLE, math.nan)),
             }
         )
     table = pd.DataFrame(records, columns=list(MODEL_ATTACK_COLUMNS))
@@ -661,13 +679,33 @@ def _validation_tests(table) -> list[dict]:
             _result("rho_accuracy_part_reliance", "spearman", reason=reason, model_set=STANDARD_SET),
         ]
     reliance = scores(table, "pgd_l2", "part_reliance")
-    return [
+    tests = [
         spearman_test("rho_alignment_part_reliance", reliance, scores(table, "pgd_l2", "alignment"), RELIANCE_SET,
                       reliance_label, align_label),
         spearman_test("rho_accuracy_part_reliance", scores(table, "pgd_l2", "accuracy", "standard"),
                       scores(table, "pgd_l2", "part_reliance", "standard"), STANDARD_SET, "accuracy (%)",
                       reliance_label),
     ]  # fmt: skip
+    if not table["human_alignment"].isna().all():
+        tests.append(spearman_test("rho_human_alignment_part_reliance", reliance,
+                                   scores(table, "pgd_l2", "human_alignment"), RELIANCE_SET, reliance_label,
+                                   HUMAN_LABEL))  # fmt: skip
+    return tests
+
+
+HUMAN_LABEL = "human feature alignment (saliency vs human map, % of the human ceiling)"
+HUMAN_SET = "every model with both alignments"
+
+
+def _human_alignment_tests(table) -> list[dict]:
+    """Beyond the paper: do the two alignments, of the model's saliency (Table S2's) and of its
+    minimal l2-PGD attack (the paper's figures), rank the models alike?"""
+    if table["human_alignment"].isna().all():
+        return [_result("rho_human_alignment_adversarial_alignment", "spearman", model_set=HUMAN_SET,
+                        reason="no human feature alignment in the model table")]  # fmt: skip
+    return [spearman_test("rho_human_alignment_adversarial_alignment", scores(table, "pgd_l2", "human_alignment"),
+                          scores(table, "pgd_l2", "alignment"), HUMAN_SET, HUMAN_LABEL,
+                          "l2-PGD alignment (mean Spearman rho)")]  # fmt: skip
 
 
 def run_tests(table: pd.DataFrame, attack_paths) -> list[dict]:
@@ -682,6 +720,7 @@ def run_tests(table: pd.DataFrame, attack_paths) -> list[dict]:
     tests += _derived_tests(table, images)
     tests += _descriptive_tests(table)
     tests += _validation_tests(table)
+    tests += _human_alignment_tests(table)
     for test in tests:
         if test["detail"].get("reason"):
             log.warning("%s: not computed (%s)", test["name"], test["detail"]["reason"])

@@ -51,8 +51,34 @@ def table_s1(model_table: pd.DataFrame) -> pd.DataFrame:
 # --------------------------------------------------------------------------- Table S2
 
 
+# The paper's Table S2: (row label, model id in config/paper.yaml, "Human Alignment (%)", top-1 %).
+# A model of the zoo is that row when its id is the one config/paper.yaml gives it.
+PAPER_TABLE_S2 = (
+    ("VGG16", "vgg16_harmonized", 61.5, 69.3),
+    ("ResNet50", "resnetv2_50_harmonized", 45.0, 77.17),
+    ("EfficientNet-B0", "efficientnet_b0_harmonized", 52.3, 77.51),
+    ("ViT-B16", "vit_b16_harmonized", 72.6, 75.7),
+    ("ConvNeXt-T (lambda 1)", "convnext_tiny_harmonized_l1", 73.2, 75.9),
+    ("ConvNeXt-T (lambda 2)", "convnext_tiny_harmonized_l2", 73.3, 75.8),
+    ("ConvNeXt-T (lambda 3)", "convnext_tiny_harmonized_l3", 74.5, 75.8),
+    ("ConvNeXt-T (lambda 5)", "convnext_tiny_harmonized_l5", 72.1, 75.5),
+    ("ConvNeXt-T (lambda 8)", "convnext_tiny_harmonized_l8", 71.1, 75.6),
+    ("ConvNeXt-T (lambda 10)", "convnext_tiny_harmonized_l10", 73.2, 75.4),
+    ("MaxViT-T (lambda 1)", "maxvit_tiny_harmonized_l1", 45.3, 78.6),
+    ("MaxViT-T (lambda 2)", "maxvit_tiny_harmonized_l2", 46.8, 78.4),
+    ("MaxViT-T (lambda 5)", "maxvit_tiny_harmonized_l5", 57.6, 78.5),
+    ("MaxViT-T (lambda 10)", "maxvit_tiny_harmonized_l10", 59.0, 78.1),
+)
+_PAPER_S2 = {model: (label, human, accuracy) for label, model, human, accuracy in PAPER_TABLE_S2}
+# Agreement criteria of the Table S2 rows of the claims table (percentage points).
+S2_HUMAN_TOLERANCE = 5.0
+S2_ACCURACY_TOLERANCE = 1.0
+
+
 def table_s2(model_table: pd.DataFrame) -> pd.DataFrame:
-    """Harmonized models: lambda, accuracy, their control's accuracy, l2-PGD alignment and their base's.
+    """Harmonized models: lambda, accuracy, their control's accuracy, l2-PGD alignment and their
+    base's, human feature alignment (Table S2's measure) and their base's, and the paper's
+    Table S2 row where the model is one of them.
 
     The control accuracy is that of the control model fine-tuned from the same
     base (the mean if there are several); NaN where no control exists.
@@ -60,6 +86,7 @@ def table_s2(model_table: pd.DataFrame) -> pd.DataFrame:
     table = prepare_table(model_table)
     models = table.drop_duplicates("model").set_index("model")
     alignment = scores(table, "pgd_l2", "alignment")
+    human = models["human_alignment"]
     harmonized = models[models["training"] == "harmonized"]
     controls = models[models["training"] == "control"]
     rows = []
@@ -75,9 +102,35 @@ def table_s2(model_table: pd.DataFrame) -> pd.DataFrame:
                 "control_accuracy": own_controls["accuracy"].mean() if len(own_controls) else math.nan,
                 "alignment": alignment.get(model, math.nan),
                 "base_alignment": alignment.get(base, math.nan),
+                "human_alignment": human.get(model, math.nan),
+                "base_human_alignment": human.get(base, math.nan),
+                "paper_model": _PAPER_S2.get(model, ("",))[0],
+                "paper_accuracy": _PAPER_S2.get(model, ("", math.nan, math.nan))[2],
+                "paper_human_alignment": _PAPER_S2.get(model, ("", math.nan))[1],
             }
         )
     return pd.DataFrame(rows, columns=list(TABLE_S2_COLUMNS))
+
+
+def _table_s2_claims(table: pd.DataFrame) -> list[dict]:
+    """Table S2's human alignment and accuracy, for every harmonized model of the zoo that is one
+    of its rows (matched by the model id config/paper.yaml gives it)."""
+    models = table.drop_duplicates("model").set_index("model")
+    rows = []
+    for label, model, paper_human, paper_accuracy in PAPER_TABLE_S2:
+        if model not in models.index:
+            continue
+        human, accuracy = float(models.loc[model, "human_alignment"]), float(models.loc[model, "accuracy"])
+        for what, paper, ours, tolerance in (("human alignment (% of the human ceiling)", paper_human, human,
+                                              S2_HUMAN_TOLERANCE),
+                                             ("top-1 accuracy (%)", paper_accuracy, accuracy, S2_ACCURACY_TOLERANCE)):
+            rows.append(_claim(
+                f"Table S2: {what} of {label} ({model})", "Table S2", paper, ours,
+                n=int(models.loc[model, "n_human"]) if what.startswith("human") and not math.isnan(human) else 0,
+                agrees=None if math.isnan(ours) else bool(abs(ours - paper) <= tolerance),
+                note=f"agrees = within {tolerance:g} points of the paper's value",
+            ))  # fmt: skip
+    return rows
 
 
 # --------------------------------------------------------------------------- claims
@@ -387,6 +440,29 @@ def _validation_claims(tests_by_name: dict) -> list[dict]:
     return rows
 
 
+# Beyond the paper, reported without a criterion: how the human feature alignment of the
+# models' saliency relates to the measured part reliance and to the adversarial alignment.
+REPORTED_CLAIMS = (
+    ("rho_human_alignment_part_reliance",
+     "reported: rho(measured part reliance, human feature alignment), every model"),
+    ("rho_human_alignment_adversarial_alignment",
+     "reported: rho(human feature alignment, l2-PGD alignment), every model"),
+)  # fmt: skip
+
+
+def _reported_claims(tests_by_name: dict) -> list[dict]:
+    rows = []
+    for name, claim in REPORTED_CLAIMS:
+        test = tests_by_name.get(name)
+        if test is None:
+            continue
+        reason = test["detail"].get("reason")
+        rows.append(_claim(claim, "beyond the paper", math.nan, _nan(test["statistic"]), _nan(test["p_value"]),
+                           test["n"], None, _nan(test["df"]),
+                           f"not a claim of the paper; reported, no criterion{f' ({reason})' if reason else ''}"))  # fmt: skip
+    return rows
+
+
 def claims_table(tests: list[dict], model_table: pd.DataFrame) -> pd.DataFrame:
     """Every statistic the paper states, its recomputed value, p, df, n, and whether they agree."""
     if not isinstance(tests, list) or not all(isinstance(t, dict) and "name" in t for t in tests):
@@ -395,7 +471,7 @@ def claims_table(tests: list[dict], model_table: pd.DataFrame) -> pd.DataFrame:
     table = prepare_table(model_table)
     rows = _test_claims(tests_by_name) + _descriptive_claims(tests_by_name)
     rows += _count_claims(table) + _model_claims(table) + _censoring_claims(table)
-    rows += _validation_claims(tests_by_name)
+    rows += _table_s2_claims(table) + _validation_claims(tests_by_name) + _reported_claims(tests_by_name)
     claims = pd.DataFrame(rows, columns=list(CLAIM_COLUMNS))
     claims["agrees"] = claims["agrees"].astype(object)
     return claims

@@ -8,6 +8,8 @@ rule model_table:
         **({"reliance": "results/stats/cue_reliance.csv"} if SYNTHETIC else {}),
         attacks=attack_outputs("parquet"),
         metrics=model_metrics(),
+        # every model's human feature alignment (rule human_alignment, Table S2's measure)
+        human=[f"results/human_alignment/{m}.csv" for m in MODELS],
         # synthetic data: the measured cue reliance of every model (rule cue_reliance)
     output:
         report(
