@@ -10,8 +10,10 @@ EfficientNet-Lite rows); each image's label is the model's own top-1, so every i
 attacked. For each search (the paper's 3-step ℓ2 PGD with the full-range bisection to 1 %,
 the default tree search to 1 %, the linearised secant search to 1 %, the paper's absolute
 rule, and a fine full-range reference
-with absolute threshold 1e-6) and for each adv_lib reference (FMN, DDN, ALMA, minimal APGD,
-with the pipeline's defaults of advalign.attacks.references), it prints: forward+backward
+with absolute threshold 1e-6), for each adv_lib reference (FMN, DDN, ALMA, minimal APGD,
+with the pipeline's defaults of advalign.attacks.references) and for Carlini–Wagner at the
+paper's budget and at config/real.yaml's (``--cw``; with both, the ratio of their median ℓ2,
+which should lie within 10 %), it prints: forward+backward
 passes per image, images/s, success rate, median ℓ2 of the examples found, the worst ε error
 against the fine reference (searches only: same trial, so the same quantity), and
 AttackBench's optimality score over all of them (advalign.metrics.optimality; distances are
@@ -67,6 +69,8 @@ def main(argv=None) -> int:
     pgd = schema_defaults("pgd_l2")
     parser.add_argument("--verify", type=float, default=pgd["verify"],
                         help=f"the tree search's verify distance (default: the schema's, {pgd['verify']:g})")  # fmt: skip
+    parser.add_argument("--cw", default=",".join(CW_BUDGETS),
+                        help=f"comma-separated CW budgets of {', '.join(CW_BUDGETS)}; '' for none")  # fmt: skip
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -110,6 +114,14 @@ def main(argv=None) -> int:
         config = attack.config(schema_defaults_for(attack))
         run = lambda a=attack, c=config: a.run(fn, x, y, c, batch_size=args.batch_size, keys=np.arange(len(x)))  # noqa: E731
         results[name] = (*timed(run, name), config.describe())
+
+    cw = get_attack("cw_l2")
+    for name in filter(None, args.cw.split(",")):
+        if name not in CW_BUDGETS:
+            raise SystemExit(f"error: --cw: unknown budget {name!r} (expected {', '.join(CW_BUDGETS)})")
+        config = cw.config(cw_block(name))
+        run = lambda c=config: cw.run(fn, x, y, c, batch_size=args.batch_size, keys=np.arange(len(x)))  # noqa: E731
+        results[CW_BUDGETS[name]] = (*timed(run, CW_BUDGETS[name]), config.describe())
 
     fine = results["fine reference"][0] if "fine reference" in results else None
     distances = {}
@@ -166,11 +178,31 @@ def main(argv=None) -> int:
                   f"{np.quantile(deviation[both], 0.99):.3%}, max {deviation[both].max():.3%}")  # fmt: skip
     numbers["epsilon"] = {name: [float(e) for e in result.epsilon] for name, (result, _, _) in results.items()
                           if name in searches}  # fmt: skip
+    paper_cw, real_cw = (numbers["rows"].get(CW_BUDGETS[b]) for b in ("paper", "real"))
+    if paper_cw and real_cw and paper_cw["median_l2"] and real_cw["median_l2"]:
+        ratio = real_cw["median_l2"] / paper_cw["median_l2"]
+        numbers["cw_real_over_paper_median_l2"] = ratio
+        print(f"CW convergence: config/real.yaml's budget ({real_cw['passes_per_image']:.0f} passes/img) finds a median "
+              f"l2 {ratio:.3f}x the paper budget's ({paper_cw['passes_per_image']:.0f} passes/img); "
+              f"{'within' if abs(ratio - 1) <= 0.10 else 'NOT within'} 10 %")  # fmt: skip
     if full.success.mean() < MIN_FOOLED:
         print(f"note: the full-range search fooled {full.success.mean():.0%} of the images (< {MIN_FOOLED:.0%})")
     if args.json:
         args.json.write_text(json.dumps(numbers, indent=2) + "\n")
     return 0
+
+
+# CW at the paper's budget (the schema's defaults: 100 Adam steps x 9 values of c, Carlini & Wagner's
+# constant rate) and at config/real.yaml's (the real-model run's, read from the file).
+CW_BUDGETS = {"paper": "cw paper budget", "real": "cw real.yaml"}
+
+
+def cw_block(budget: str) -> dict:
+    from advalign.config import load_config
+
+    if budget == "paper":
+        return schema_defaults_for(get_attack("cw_l2"))
+    return load_config(REPO / "config" / "config.yaml", REPO / "config" / "real.yaml")["attacks"]["cw_l2"]
 
 
 def schema_defaults_for(attack) -> dict:

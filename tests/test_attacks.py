@@ -395,6 +395,24 @@ def test_minimal_perturbations_reach_the_analytic_optimum_of_a_linear_classifier
         assert ratio.max() <= (1.02 if name == "cw" else 1.05), f"{name} is not minimal: {ratio}"
 
 
+def test_cw_short_schedule_options(fn, correct_images):
+    """config/real.yaml's short CW: a warm start changes nothing before a first success (one value
+    of c is the plain attack, bit for bit); annealed and warm-started, it still only keeps examples
+    that fool, inside the image, and its epsilon is their l2 norm."""
+    x, y = correct_images
+    plain = carlini_wagner_l2(fn, x, y, CWConfig(steps=20, search_steps=1), batch_size=7)
+    warm = carlini_wagner_l2(fn, x, y, CWConfig(steps=20, search_steps=1, warm_start=True), batch_size=7)
+    assert torch.equal(plain.perturbation, warm.perturbation)
+    short = carlini_wagner_l2(fn, x, y, CWConfig(steps=50, search_steps=5, lr_schedule="cosine",
+                                                 warm_start=True), batch_size=7)  # fmt: skip
+    assert short.success.all() and (fn.predict(x + short.perturbation) != y).all()
+    assert (x + short.perturbation).min() >= 0 and (x + short.perturbation).max() <= 1
+    np.testing.assert_allclose(short.epsilon, short.perturbation.flatten(1).double().norm(dim=1).numpy())
+    with pytest.raises(PipelineError, match="lr_schedule must be constant or cosine"):
+        CWConfig(lr_schedule="step")
+    assert "cosine-annealed, warm-started across c" in CWConfig(lr_schedule="cosine", warm_start=True).describe()
+
+
 def test_cw_finds_small_fooling_perturbations(fn, correct_images):
     x, y = correct_images
     cw = carlini_wagner_l2(fn, x, y, CWConfig(steps=50, search_steps=5), batch_size=7)

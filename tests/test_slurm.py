@@ -214,6 +214,7 @@ def _bucket_of_photos(root: Path) -> Path:
     authors' bucket: click-me/val/val-0.tfrecords (3 photos) and val-1.tfrecords (3 photos)."""
     from advalign.data.photos import write_photo_shard
 
+    root.mkdir(parents=True, exist_ok=True)
     lines = (REPO / "config" / "photos_real.csv").read_text().splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("photo,"))
     rows = lines[header + 1 :]
@@ -282,7 +283,9 @@ def test_dress_rehearsal_of_the_paper_from_public_inputs(request, slurm_cluster,
     # Nothing left to do, and planning it needs no network (the server is gone).
     dry = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--configfile", "config/paper.yaml",
                           "rehearsal.yaml"], cwd=workdir, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert "Nothing to be done" in dry.stdout + dry.stderr, (dry.stdout + dry.stderr)[-3000:]
+    planned = dry.stdout + dry.stderr
+    assert "Nothing to be done" in planned, "\n".join(line for line in planned.splitlines() if "rule " in line
+                                                      or "reason:" in line)[:4000]  # fmt: skip
     # The heavy rules went through sbatch, the fetch and the imports ran on the submit host.
     assert {j["rule"] for j in jobs} == REHEARSAL_REMOTE, [j["line"] for j in jobs]
     assert all(j["state"] == "COMPLETED" for j in jobs), [j["line"] for j in jobs]

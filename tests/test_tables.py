@@ -196,3 +196,25 @@ def test_every_claim_has_a_paper_value(fake):
     assert claims.loc[claims["source"] == "beyond the paper", "paper_value"].isna().all()
     directional = claims[claims["claim"].str.contains("direction only")]
     assert len(directional) >= 3 and set(directional["paper_value"]) <= {1.0, -1.0}
+
+
+def test_table_s2_and_the_claims_put_the_papers_human_alignment_beside_ours(fake):
+    """A harmonized model that is one of Table S2's rows (by its config/paper.yaml id) gets the
+    paper's human alignment and accuracy beside its own, in Table S2 and in the claims table."""
+    table = fake["table"].copy()
+    table["model"] = table["model"].replace({"convnext_tiny_harmonized": "convnext_tiny_harmonized_l5"})
+    table["human_alignment"] = table["model"].map({"convnext_tiny_harmonized_l5": 70.0, "convnext_tiny": 40.0})
+    table["n_human"] = 30
+    s2 = table_s2(table).set_index("model")
+    row = s2.loc["convnext_tiny_harmonized_l5"]
+    assert (row["paper_model"], row["paper_human_alignment"], row["paper_accuracy"]) == ("ConvNeXt-T (lambda 5)",
+                                                                                          72.1, 75.5)  # fmt: skip
+    assert (row["human_alignment"], row["base_human_alignment"]) == (70.0, 40.0)
+    assert s2.loc["resnet50_harmonized", "paper_model"] == ""  # not a paper row (paper.yaml: resnetv2_50_harmonized)
+    claims = claims_table(fake["tests"], table).set_index("claim")
+    human = claims.loc["Table S2: human alignment (% of the human ceiling) of ConvNeXt-T (lambda 5) "
+                       "(convnext_tiny_harmonized_l5)"]  # fmt: skip
+    assert (human["paper_value"], human["recomputed_value"], human["agrees"], human["n"]) == (72.1, 70.0, True, 30)
+    accuracy = claims.loc["Table S2: top-1 accuracy (%) of ConvNeXt-T (lambda 5) (convnext_tiny_harmonized_l5)"]
+    assert accuracy["paper_value"] == 75.5 and accuracy["agrees"] == (abs(accuracy["recomputed_value"] - 75.5) <= 1)
+    assert claims.index.str.startswith("Table S2: ").sum() == 2  # only the rows that match

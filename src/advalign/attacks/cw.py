@@ -40,13 +40,23 @@ class CWConfig:
     c_init: float = _DEFAULTS["c_init"]
     lr: float = _DEFAULTS["lr"]
     confidence: float = _DEFAULTS["confidence"]  # κ: success needs max_{j≠y} Z_j − Z_y ≥ κ
+    # Adam's rate over each value of c: "constant" (Carlini & Wagner) or "cosine" (lr annealed to 0).
+    lr_schedule: str = _DEFAULTS["lr_schedule"]
+    # Each new value of c starts from the smallest fooling example found so far (where there is
+    # one) instead of from x: later values of c refine instead of starting over.
+    warm_start: bool = _DEFAULTS["warm_start"]
 
     def __post_init__(self):
         if self.steps < 1 or self.search_steps < 1 or not self.c_init > 0 or not self.lr > 0 or self.confidence < 0:
             raise PipelineError("CW needs steps, search_steps >= 1, c_init, lr > 0 and confidence >= 0")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise PipelineError(f"CW lr_schedule must be constant or cosine, not {self.lr_schedule!r}")
 
     def describe(self) -> str:
-        return f"CW-l2, {self.steps} Adam steps x {self.search_steps} values of c"
+        extra = "".join([f", lr {self.lr:g}" if self.lr != _DEFAULTS["lr"] else "",
+                         ", cosine-annealed" if self.lr_schedule == "cosine" else "",
+                         ", warm-started across c" if self.warm_start else ""])  # fmt: skip
+        return f"CW-l2, {self.steps} Adam steps x {self.search_steps} values of c{extra}"
 
     @classmethod
     def from_spec(cls, spec: dict) -> "CWConfig":
@@ -68,12 +78,19 @@ def _cw_batch(fn: AttackedFunction, x: torch.Tensor, y: torch.Tensor, config: CW
     best_pred = y.clone()
     true_class = None  # one-hot mask of y, built once the number of classes is known
     for _ in range(config.search_steps):
-        # Every value of c starts afresh from x (as in Carlini & Wagner's code).
-        w = w_clean.clone().requires_grad_(True)
+        # Every value of c starts afresh from x (as in Carlini & Wagner's code), or (warm_start)
+        # from the smallest fooling example so far where an image has one.
+        start = w_clean
+        if config.warm_start:
+            found = per_image(torch.isfinite(best_l2sq))
+            start = torch.where(found, torch.atanh(((x + best_delta) * 2 - 1).clamp(-1 + 1e-6, 1 - 1e-6)), w_clean)
+        w = start.clone().requires_grad_(True)
         optimizer = torch.optim.Adam([w], lr=config.lr)  # elementwise: images never interact
         fooled_this_c = torch.zeros(n, dtype=torch.bool, device=device)
         c_now = c.float()
-        for _ in range(config.steps):
+        for step in range(config.steps):
+            if config.lr_schedule == "cosine":
+                optimizer.param_groups[0]["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * step / config.steps))
             with torch.enable_grad():
                 adv = (torch.tanh(w) + 1) / 2
                 logits = fn.logits(adv)
