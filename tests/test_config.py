@@ -208,3 +208,14 @@ def test_yaml_errors_name_the_line(tmp_path, capsys):
     path.write_text("attacks:\n  pgd_l2: {steps: 3\n  cw_l2: {}\n")
     assert main(["check-config", str(path)]) == 1
     assert f"{path}:3: not valid YAML" in capsys.readouterr().err
+
+
+def test_a_killed_demo_attack_resumes_part_way():
+    """The demo's chunks are smaller than its stimulus set (and CW's subset), so a killed attack
+    job resumes from its finished chunks (tests/test_attack_resume.py: byte-identical)."""
+    from advalign.config import load_config
+
+    config = load_config(REPO / "config/config.yaml")
+    synthetic, attacks = config["data"]["synthetic"], config["attacks"]
+    stimuli = synthetic["n_classes"] * synthetic["stimuli_per_class"]
+    assert attacks["chunk_size"] * 2 <= stimuli and attacks["chunk_size"] < attacks["cw_l2"]["n_images"]

@@ -252,7 +252,7 @@ _HAND_PLACED = {}
 
 
 def clickme_hand_placed(split):
-    """Inputs of the rule clickme_shards: with fetch.base_url null, the shards placed in
+    """The inputs of clickme_shards. With fetch.base_url null, the shards placed in
     shard_dir by hand (globbed once per split, so a replaced shard reruns the rule); none when
     they are downloaded."""
     if config["data"]["paper"]["clickme"]["fetch"]["base_url"] is not None:
