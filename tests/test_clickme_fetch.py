@@ -90,6 +90,7 @@ def test_a_corrupt_shard_is_refused_in_one_line_and_nothing_is_left(bucket, tmp_
         fetch_split("val", shard_dir, _fetch(server), [], tmp_path / "m.json")
     message = _one_line(excinfo)
     assert message.startswith(f"{server.url}val/val-1.tfrecords: ") and "checksum mismatch" in message, message
+    assert message.endswith(f"(config data.paper.clickme.fetch.base_url = {server.url})"), message
     assert (shard_dir / "val-0.tfrecords").is_file()  # verified before the bad one: kept and locked
     assert not (shard_dir / "val-1.tfrecords").exists() and not list(shard_dir.glob("*.part"))
     assert not (tmp_path / "m.json").exists()

@@ -102,6 +102,7 @@ def download(url: str, dest, *, retries: int = 4, backoff_s: float = 2.0, timeou
             _download_once(url, part, timeout_s)
             return part
         except urllib.error.HTTPError as exc:
+            exc.close()  # the error response's connection
             if exc.code == 404:
                 raise ShardNotFound(f"{url}: HTTP 404 Not Found (config {key})") from None
             if not _is_transient(exc) or attempt >= retries:
@@ -129,6 +130,7 @@ def _download_once(url: str, part: Path, timeout_s: float) -> None:
         response = urllib.request.urlopen(request, timeout=timeout_s)
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and have:  # the .part already holds the whole file
+            exc.close()
             log.info("%s: %d bytes already downloaded", url, have)
             return
         raise
@@ -237,7 +239,7 @@ def verified_shards(manifest) -> list[Path]:
 # --------------------------------------------------------------------------- one split
 
 
-def _indices(spec, split: str):
+def _indices(spec):
     """The shard indices to fetch: ``auto`` (0, 1, ... until a 404) or an inclusive [first, last]."""
     if spec == "auto":
         return range(MAX_AUTO_SHARDS), True
@@ -270,12 +272,19 @@ def fetch_split(split: str, shard_dir, fetch: dict, patterns, out_manifest) -> d
         shards.append({"path": str(path), **info})
         log.info("%s: %d records, %d bytes, sha256 %s", path.name, info["records"], info["bytes"], info["sha256"])
 
+    def checked(path: Path, where: str | None, config_key: str) -> dict:
+        try:
+            return check_shard(path, where)
+        except PipelineError as exc:
+            raise PipelineError(f"{exc} (config {config_key})") from None
+
+    placed = f"data.paper.clickme.shard_dir = {shard_dir}"
     if base_url is None:
         for path in find_shards(shard_dir, patterns):
-            use(path, check_shard(path))
+            use(path, checked(path, None, placed))
         source = f"placed by hand in {shard_dir}"
     else:
-        indices, auto = _indices(fetch[split], split)
+        indices, auto = _indices(fetch[split])
         if auto and lock.get("discovered") == {"base_url": base_url, "range": "auto"}:
             # The server was asked once which shards exist; the lock remembers its answer.
             indices, auto = [int(name.split("-")[1].split(".")[0]) for name in lock["names"]], False
@@ -284,7 +293,7 @@ def fetch_split(split: str, shard_dir, fetch: dict, patterns, out_manifest) -> d
             path = shard_dir / shard_name(split, index)
             url = shard_url(base_url, split, index)
             if path.is_file():  # fetched before, or placed by hand: verified the same way
-                use(path, check_shard(path))
+                use(path, checked(path, None, placed))
             else:
                 try:
                     part = download(url, path, retries=fetch["retries"], backoff_s=fetch["backoff_s"],
@@ -296,7 +305,7 @@ def fetch_split(split: str, shard_dir, fetch: dict, patterns, out_manifest) -> d
                         break
                     raise
                 try:
-                    info = check_shard(part, url)
+                    info = checked(part, url, f"{_FETCH_KEY}.base_url = {base_url}")
                 except PipelineError:
                     part.unlink(missing_ok=True)  # a corrupt download is never resumed or renamed
                     raise
