@@ -15,11 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
-
-from advalign.data.fetch import fetch_split, file_sha256, lock_path, verified_shards
-from advalign.io import PipelineError
 from paper_fixtures import write_clickme_shards
 from shard_server import serving
+
+from advalign.data.fetch import fetch_split
+from advalign.data.shard_lock import file_sha256, lock_path, verified_shards
+from advalign.io import PipelineError
 
 FETCH = {"base_url": None, "val": "auto", "train": "auto", "retries": 2, "backoff_s": 0.01, "timeout_s": 10}
 

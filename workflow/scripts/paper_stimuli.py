@@ -1,6 +1,6 @@
 """Snakemake script: the paper's stimulus set from the ClickMe shards."""
 
-from advalign.data.fetch import verified_shards
+from advalign.data.shard_lock import verified_shards
 from advalign.data.paper_stimuli import write_paper_stimuli
 from advalign.stage import run
 

@@ -4,7 +4,7 @@ One process per GPU of the job (resources gpu / nodes): with more than one, trai
 re-launches itself under torchrun (advalign.distributed); otherwise it trains here.
 """
 
-from advalign.data.fetch import verified_shards
+from advalign.data.shard_lock import verified_shards
 from advalign.stage import run
 from advalign.training import train_model
 

@@ -16,7 +16,7 @@ Each shard
   to its final name: a file with the final name is always complete.
 
 The first time a shard is used its sha256 is recorded in the split's lock file beside the
-data, ``{shard_dir}/{split}.lock.json``; every later use checks it (:func:`verified_shards`).
+data, ``{shard_dir}/{split}.lock.json``; every later use checks it (advalign.data.shard_lock.verified_shards).
 Shards placed by hand are verified and locked the same way: with ``base_url: null`` the shards
 on disk that match the split's glob patterns are used as they are, with no network at all.
 
@@ -26,8 +26,6 @@ sha256, bytes and record counts); the stages that read ClickMe take the manifest
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import socket
 import time
@@ -38,11 +36,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..io import PipelineError, write_json
+from .shard_lock import file_sha256, lock_path, read_lock
 from .tfrecord import iter_records
 
 log = logging.getLogger(__name__)
 
-LOCK_FORMAT = 1
 SPLITS = ("val", "train")
 MAX_AUTO_SHARDS = 100_000  # a server that never answers 404 is an error, not an endless fetch
 _CHUNK = 1 << 20
@@ -59,10 +57,6 @@ def shard_name(split: str, index: int) -> str:
 
 def shard_url(base_url: str, split: str, index: int) -> str:
     return f"{base_url.rstrip('/')}/{split}/{shard_name(split, index)}"
-
-
-def lock_path(shard_dir, split: str) -> Path:
-    return Path(shard_dir) / f"{split}.lock.json"
 
 
 # --------------------------------------------------------------------------- download
@@ -175,27 +169,6 @@ def check_shard(path, where: str | None = None) -> dict:
     return {"sha256": file_sha256(path), "bytes": path.stat().st_size, "records": records}
 
 
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def read_lock(shard_dir, split: str) -> dict:
-    path = lock_path(shard_dir, split)
-    if not path.is_file():
-        return {"format": LOCK_FORMAT, "split": split, "shards": {}}
-    try:
-        lock = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise PipelineError(f"{path}: unreadable lock file ({exc}); delete it to verify the shards afresh") from None
-    if not isinstance(lock, dict) or lock.get("format") != LOCK_FORMAT or not isinstance(lock.get("shards"), dict):
-        raise PipelineError(f"{path}: not a ClickMe lock file of format {LOCK_FORMAT}; delete it to verify afresh")
-    return lock
-
-
 def _check_against_lock(path: Path, info: dict, lock: dict, lock_file: Path) -> None:
     recorded = lock["shards"].get(path.name)
     if recorded is not None and recorded["sha256"] != info["sha256"]:
@@ -203,37 +176,6 @@ def _check_against_lock(path: Path, info: dict, lock: dict, lock_file: Path) -> 
             f"{path}: sha256 {info['sha256'][:16]}... differs from {recorded['sha256'][:16]}... recorded in "
             f"{lock_file} when it was first fetched; the file changed (delete it to fetch it again)"
         )
-
-
-def verified_shards(manifest) -> list[Path]:
-    """The shard paths of a fetch manifest, each checked against the sha256 in its lock file
-    (every use after the first): a shard changed or damaged since is one line naming it."""
-    manifest = Path(manifest)
-    try:
-        data = json.loads(manifest.read_text())
-        entries = data["shards"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise PipelineError(f"{manifest}: not a ClickMe fetch manifest ({exc})") from None
-    paths = []
-    locks: dict[Path, dict] = {}
-    for entry in entries:
-        path = Path(entry["path"])
-        if not path.is_file():
-            raise PipelineError(f"{path}: ClickMe shard listed in {manifest} is missing (rerun its fetch)")
-        lock_file = lock_path(path.parent, data["split"])
-        if lock_file not in locks:
-            locks[lock_file] = read_lock(path.parent, data["split"])
-        recorded = locks[lock_file]["shards"].get(path.name, {}).get("sha256")
-        if recorded is None:
-            raise PipelineError(f"{path}: not in the lock file {lock_file}; rerun its fetch to verify and record it")
-        actual = file_sha256(path)
-        if actual != recorded or actual != entry["sha256"]:
-            raise PipelineError(
-                f"{path}: sha256 {actual[:16]}... differs from {recorded[:16]}... recorded in {lock_file}; "
-                "the file changed since it was fetched (delete it and rerun to fetch it again)"
-            )
-        paths.append(path)
-    return paths
 
 
 # --------------------------------------------------------------------------- one split
