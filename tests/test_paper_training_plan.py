@@ -69,8 +69,9 @@ def test_dry_run_plans_the_derived_models_with_gpus(workdir):
         assert int(job["resources"]["runtime"]) == train["runtime"]
         assert int(job["resources"]["mem_mb"]) == train["mem_mb"]
         assert "mpi" not in job["resources"]  # one node: torchrun --standalone inside the job step
-        # Trained from scratch: no base weights to wait for; the ClickMe shards are inputs.
-        assert "weights/" not in job["block"] and "train-0.tfrecords" in job["block"]
+        # Trained from scratch: no base weights to wait for; the fetched ClickMe shards (their
+        # manifest, results/data/clickme_train.json) are an input.
+        assert "weights/" not in job["block"] and "results/data/clickme_train.json" in job["block"]
     assert re.search(r"^train\s+22$", output, re.M)
     assert "resnetv2_50_harmonized" in jobs and "resnet50_harmonized" not in jobs
 

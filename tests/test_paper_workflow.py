@@ -63,6 +63,7 @@ def test_dry_run_plans_one_attack_per_model_and_attack(workdir):
         "train": n_models - n_standard,
         "paper_stimuli": 1,
         "clickme_shards": 2,  # val (stimuli) and train (the harmonizer's maps)
+        "human_alignment": n_models,  # Table S2's measure, one GPU job per model
         "imagenet_index": 2,
         "model_table": 1,
         "statistical_tests": 1,
