@@ -1,8 +1,8 @@
 # Human feature alignment (advalign.human_alignment; Table S2's "Human Alignment (%)"): each
 # model's own saliency scored against the human maps of the stimuli, as the released ClickMe
 # evaluation scores it. One job per model on the paper (a GPU job, like an attack); on the
-# synthetic benchmark one job scores every model, since each takes under a second and a job's
-# torch and timm imports would cost more than the scoring.
+# synthetic benchmark one local job scores every model, since each takes under a second and a
+# job's torch and timm imports would cost more than the scoring.
 
 if SYNTHETIC:
 
@@ -14,13 +14,11 @@ if SYNTHETIC:
             [f"results/human_alignment/{m}.csv" for m in MODELS],
         log:
             "logs/human_alignment/all_models.log",
+        # Seconds of CPU for all the synthetic models together, like cue_reliance: no queue wait.
+        localrule: True
         conda:
             "../../envs/torch.yaml"
         threads: config["attacks"]["threads"]
-        resources:
-            gpu=0,
-            runtime=30,
-            mem_mb=4000,
         params:
             code=code_version("human_alignment.py"),
             cpu_kernels=config["cpu_kernels"],
