@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--references", default=",".join(REFERENCES), help="comma-separated; '' for none")
     parser.add_argument("--searches", default=",".join(SEARCHES),
-                        help=f"comma-separated, of {', '.join(SEARCHES)}; the first two are always run")  # fmt: skip
+                        help=f"comma-separated, of {', '.join(SEARCHES).replace('%', '%%')}; the first two are always run")  # fmt: skip
     pgd = schema_defaults("pgd_l2")
     parser.add_argument("--verify", type=float, default=pgd["verify"],
                         help=f"the tree search's verify distance (default: the schema's, {pgd['verify']:g})")  # fmt: skip
