@@ -46,9 +46,10 @@ TOP_PERCENT = 10  # Dice and IoU compare each map's top 10 % pixels
 _EPSILON = 1e-9  # the released code's denominator guard
 
 
-def saliency(net, x, labels) -> np.ndarray:
-    """max_c |∂ logit_y / ∂z| for a batch x [N, 3, H, W] of [0, 1] pixels -> float64 [N, H, W],
-    z = (x - mean) / std the model's normalised input (``net``: advalign.models.NormalizedModel)."""
+def saliency(net, x, labels) -> tuple[np.ndarray, np.ndarray]:
+    """max_c |∂ logit_y / ∂z| for a batch x [N, 3, H, W] of [0, 1] pixels -> (float64 [N, H, W],
+    the predictions int64 [N] of the same forward pass); z = (x - mean) / std the model's
+    normalised input (``net``: advalign.models.NormalizedModel)."""
     import torch
 
     x = x.detach().clone().requires_grad_(True)
@@ -58,7 +59,7 @@ def saliency(net, x, labels) -> np.ndarray:
     chosen = logits.gather(1, labels.view(-1, 1)).sum()
     (grad,) = torch.autograd.grad(chosen, x)
     grad = grad * net.std.to(grad)  # d/dz = d/dx * std, per channel
-    return grad.abs().amax(dim=1).detach().double().cpu().numpy()
+    return grad.abs().amax(dim=1).detach().double().cpu().numpy(), logits.argmax(dim=1).detach().cpu().numpy()
 
 
 def top_fraction_masks(maps: np.ndarray, percent: float = TOP_PERCENT) -> np.ndarray:
@@ -94,9 +95,7 @@ def score_images(net, stimuli: dict, data_config: dict, device, batch_size: int 
         x, maps = model_view(stimuli["images"][idx], stimuli["maps"][idx], data_config)
         labels = torch.as_tensor(stimuli["labels"][idx], dtype=torch.long, device=device)
         x = x.to(device)
-        sal = saliency(net, x, labels)
-        with torch.no_grad():
-            pred = net(x).argmax(dim=1).cpu().numpy()
+        sal, pred = saliency(net, x, labels)
         human = maps.double().numpy()
         dice, iou = dice_and_iou(sal, human)
         parts.append(pd.DataFrame({

@@ -93,6 +93,7 @@ def table_s2(model_table: pd.DataFrame) -> pd.DataFrame:
     for model, row in harmonized.iterrows():
         base = row["base_model"]
         own_controls = controls[controls["base_model"] == base]
+        paper_model, paper_human, paper_accuracy = _PAPER_S2.get(model, ("", math.nan, math.nan))
         rows.append(
             {
                 "model": model,
@@ -104,9 +105,9 @@ def table_s2(model_table: pd.DataFrame) -> pd.DataFrame:
                 "base_alignment": alignment.get(base, math.nan),
                 "human_alignment": human.get(model, math.nan),
                 "base_human_alignment": human.get(base, math.nan),
-                "paper_model": _PAPER_S2.get(model, ("",))[0],
-                "paper_accuracy": _PAPER_S2.get(model, ("", math.nan, math.nan))[2],
-                "paper_human_alignment": _PAPER_S2.get(model, ("", math.nan))[1],
+                "paper_model": paper_model,
+                "paper_accuracy": paper_accuracy,
+                "paper_human_alignment": paper_human,
             }
         )
     return pd.DataFrame(rows, columns=list(TABLE_S2_COLUMNS))

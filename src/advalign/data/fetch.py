@@ -27,7 +27,6 @@ sha256, bytes and record counts); the stages that read ClickMe take the manifest
 from __future__ import annotations
 
 import logging
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -62,12 +61,6 @@ def shard_url(base_url: str, split: str, index: int) -> str:
 # --------------------------------------------------------------------------- download
 
 
-def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, urllib.error.HTTPError):
-        return exc.code >= 500 or exc.code in (408, 429)
-    return isinstance(exc, (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout, OSError))
-
-
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, urllib.error.HTTPError):
         return f"HTTP {exc.code} {exc.reason}"
@@ -99,7 +92,8 @@ def download(url: str, dest, *, retries: int = 4, backoff_s: float = 2.0, timeou
             exc.close()  # the error response's connection
             if exc.code == 404:
                 raise ShardNotFound(f"{url}: HTTP 404 Not Found (config {key})") from None
-            if not _is_transient(exc) or attempt >= retries:
+            transient = exc.code >= 500 or exc.code in (408, 429)  # server trouble or throttling
+            if not transient or attempt >= retries:
                 raise PipelineError(
                     f"{url}: {_reason(exc)} after {attempt + 1} attempt(s) (config {server_key})"
                 ) from None
@@ -210,7 +204,7 @@ def fetch_split(split: str, shard_dir, fetch: dict, patterns, out_manifest) -> d
     def use(path: Path, info: dict) -> None:
         _check_against_lock(path, info, lock, lock_file)
         lock["shards"][path.name] = info
-        _write_lock(lock, lock_file)  # recorded as soon as it is verified: a kill loses nothing
+        write_json(lock, lock_file)  # recorded as soon as it is verified: a kill loses nothing
         shards.append({"path": str(path), **info})
         log.info("%s: %d records, %d bytes, sha256 %s", path.name, info["records"], info["bytes"], info["sha256"])
 
@@ -261,13 +255,9 @@ def fetch_split(split: str, shard_dir, fetch: dict, patterns, out_manifest) -> d
         source = base_url
     if not shards:
         raise PipelineError(f"{shard_dir}: no {split} shard")
-    _write_lock(lock, lock_file)
+    write_json(lock, lock_file)
     manifest = {"split": split, "source": source, "lock": str(lock_file), "shards": shards}
     write_json(manifest, out_manifest)
     log.info("%s: %d shard(s), %d records, %.1f MB", split, len(shards), sum(s["records"] for s in shards),
              sum(s["bytes"] for s in shards) / 1e6)  # fmt: skip
     return manifest
-
-
-def _write_lock(lock: dict, path: Path) -> None:
-    write_json(lock, path)
