@@ -92,7 +92,7 @@ ZOO_COLUMNS = (
     "top1_source",
     # Bring your own checkpoint (paper mode; advalign.weights.import_checkpoint):
     "checkpoint",  # '' = timm's pretrained weights; else a path or package:NAME/path to a torch file
-    "checkpoint_keys",  # '' (timm's names) | positional | a CSV rename table (checkpoint,timm)
+    "checkpoint_keys",  # '' (timm's names) | positional | keras (a Keras 2 .h5) | a CSV rename table (checkpoint,timm)
     "data_config",  # JSON overriding timm's data config (mean, std, input_size, crop_pct, interpolation)
 )
 

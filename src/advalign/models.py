@@ -90,6 +90,8 @@ def enable_double_backward(model: nn.Module) -> nn.Module:
 def _create_timm(row: dict, num_classes: int | None) -> nn.Module:
     import timm
 
+    from . import keras_archs  # noqa: F401 - registers the released Keras architectures timm lacks
+
     kwargs = timm_kwargs(row)
     if num_classes is not None:
         kwargs["num_classes"] = int(num_classes)

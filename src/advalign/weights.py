@@ -75,6 +75,8 @@ def check_timm_name(timm_name: str, model: str = "?") -> None:
 def _current_architectures() -> frozenset[str]:
     import timm
 
+    from . import keras_archs  # noqa: F401 - registers the released Keras architectures timm lacks
+
     return frozenset(timm.list_models())
 
 
@@ -112,7 +114,9 @@ def fetch_pretrained_weights(row: dict, out_path: str | Path) -> Path:
 # Bring your own checkpoint: a file that is not a timm state dict
 # ---------------------------------------------------------------------------
 
-KEY_MAPPINGS = ("", "positional")  # or a path to a CSV rename table (checkpoint,timm)
+# '' (timm's names), positional, keras (a Keras 2 .h5 file: advalign.keras_import), or a path to a
+# CSV rename table (checkpoint,timm)
+KEY_MAPPINGS = ("", "positional", "keras")
 
 
 def checkpoint_inputs(row: dict) -> dict:
@@ -209,7 +213,8 @@ def import_checkpoint(row: dict, checkpoint, out_path, key_table=None) -> Path:
     """Convert a zoo row's checkpoint into a timm state dict in the weights cache (atomically).
 
     The architecture is ``timm_name`` with ``timm_kwargs``; ``checkpoint_keys`` says how the
-    checkpoint's names map onto timm's (see :func:`map_checkpoint_keys`). Buffers (BatchNorm
+    checkpoint's names map onto timm's (see :func:`map_checkpoint_keys`; ``keras``: a Keras 2
+    ``.h5`` file through the architecture's mapping in :mod:`advalign.keras_import`). Buffers (BatchNorm
     statistics) are part of the mapping. The result loads strictly with
     :func:`advalign.models.load_model`.
     """
@@ -218,9 +223,16 @@ def import_checkpoint(row: dict, checkpoint, out_path, key_table=None) -> Path:
     where = f"model '{row['model']}'"
     model = _create_timm(row, None)
     target = model.state_dict()
-    source = _load_checkpoint_tensors(Path(checkpoint), where)
     keys = (row.get("checkpoint_keys") or "").strip()
-    state = map_checkpoint_keys(source, target, keys, where, Path(key_table) if key_table else None)
+    if keys == "keras":
+        from .keras_import import KerasFile, keras_state_dict
+
+        source = KerasFile(checkpoint, where)
+        state = keras_state_dict(source, row["timm_name"].partition(".")[0], target)
+        source = source.weights
+    else:
+        source = _load_checkpoint_tensors(Path(checkpoint), where)
+        state = map_checkpoint_keys(source, target, keys, where, Path(key_table) if key_table else None)
     state = {name: tensor.to(target[name].dtype).contiguous() for name, tensor in state.items()}
     model.load_state_dict(state, strict=True)  # fits by construction; fails loudly otherwise
     torch_save(state, out_path)
