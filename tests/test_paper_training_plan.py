@@ -1,6 +1,8 @@
 """config/paper.yaml's training stage through Snakemake's dry run, with data.paper pointed at
-tiny real-format fixtures: 14 harmonized, 4 control and 4 robust jobs, each asking for the
-GPUs of data.paper.resources.train; several nodes make it an srun-launched job."""
+tiny real-format fixtures. With zoo.harmonized: trained, 14 harmonized, 4 control and 4 robust
+jobs, each asking for the GPUs of data.paper.resources.train; several nodes make it an
+srun-launched job. With the config's own choice, released, the seven released harmonized
+models are downloaded and imported, and only the control and robust models are trained."""
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ def workdir(tmp_path_factory):
     repo = copy_repo(root / "repo")
     paper = paper_data(root / "data", CLASSES)
     (repo / "test_paper.yaml").write_text(yaml.safe_dump({"data": {"kind": "paper", "paper": paper}}))
+    (repo / "trained.yaml").write_text(yaml.safe_dump({"zoo": {"harmonized": "trained"}}))
     return repo
 
 
@@ -50,7 +53,8 @@ def _derived(workdir) -> dict[str, str]:
 
 def _dry_run(workdir, *configfiles):
     targets = [f"results/models/{model}/weights.pt" for model in _derived(workdir)]
-    proc = snakemake(workdir, "-n", *targets, "--configfile", "config/paper.yaml", "test_paper.yaml", *configfiles)
+    proc = snakemake(workdir, "-n", *targets, "--configfile", "config/paper.yaml", "test_paper.yaml", "trained.yaml",
+                     *configfiles)  # fmt: skip
     return proc.stdout + proc.stderr
 
 
@@ -81,7 +85,7 @@ def test_each_planned_job_records_the_harmonizer_scale_and_weight_decay(workdir)
     targets = [f"results/models/{model}/weights.pt" for model in _derived(workdir)]
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).with_name("planned_params.py")), "train", "config/paper.yaml",
-         "test_paper.yaml", "--", *targets],
+         "test_paper.yaml", "trained.yaml", "--", *targets],
         cwd=workdir, capture_output=True, text=True, timeout=600, check=True,
     )  # fmt: skip
     params = {key.removeprefix("model="): value["job"] for key, value in json.loads(proc.stdout).items()}
@@ -129,7 +133,7 @@ def test_a_paper_training_job_runs_two_processes_through_snakemake(workdir):
     override = {
         "device": "cpu",
         "data": {"paper": {"resources": {"train": {"gpu": 2, "nodes": 1, "runtime": 10, "mem_mb": 2000}}}},
-        "zoo": {"table": "tiny_paper_zoo.csv",
+        "zoo": {"table": "tiny_paper_zoo.csv", "harmonized": "trained",
                 "derived": [{"model": "tiny_h", "training": "harmonized", "base_model": "tiny", "harmonizer_lambda": 1.0}]},
         "training": {"threads": 1, "batch_size": 4, "finetune_epochs": 2, "finetune_lr": 0.01, "loader_workers": 1,
                      "checkpoint_every": 2, "warmup_epochs": 0.5, "lr_milestones": [1]},
@@ -147,3 +151,28 @@ def test_a_paper_training_job_runs_two_processes_through_snakemake(workdir):
     log = (workdir / "logs/train/tiny_h.log").read_text()
     assert "torch.distributed.run --nproc-per-node=2 --standalone" in log and "tiny_h: 100%" in log
     assert "ClickMe training images (with maps)" in log
+
+
+def test_released_harmonized_models_are_downloaded_and_imported_not_trained(workdir):
+    """config/paper.yaml as it stands (zoo.harmonized: released): each released file is one local
+    download and one import into the weights cache; no train job for them, none for the 14
+    harmonized entries of zoo.derived; the control and robust models are still trained."""
+    import pandas as pd
+
+    released = pd.read_csv(workdir / "config/zoo_released.csv", comment="#")
+    proc = snakemake(workdir, "-n", "--configfile", "config/paper.yaml", "test_paper.yaml")
+    output = proc.stdout + proc.stderr
+    assert re.search(r"^download_checkpoint\s+7$", output, re.M) and re.search(r"^import_weights\s+7$", output, re.M)
+    trained = set(_train_jobs(output))
+    kinds = _derived(workdir)
+    assert trained == {m for m, kind in kinds.items() if kind in ("control", "robust")} and len(trained) == 8
+    blocks = re.split(r"\n(?=(?:local)?rule \S+:)", output)
+    downloads = {re.search(r"wildcards: name=(\S+)", b)[1] for b in blocks if re.match(r"(local)?rule download_checkpoint:", b)}
+    assert downloads == {f"{m}.h5" for m in released["model"]}
+    imports = {re.search(r"wildcards: model=(\S+)", b)[1] for b in blocks if re.match(r"(local)?rule import_weights:", b)}
+    assert imports == set(released["model"])
+    # Every released model is attacked from its imported weights in the cache.
+    attack_inputs = {re.search(r"wildcards: attack=\S+, model=(\S+)", b)[1]: re.search(r"input: (.*)", b)[1]
+                     for b in blocks if b.startswith("rule attack:")}  # fmt: skip
+    for model in released["model"]:
+        assert f"weights/{model}.pth" in attack_inputs[model]

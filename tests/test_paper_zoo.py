@@ -48,6 +48,7 @@ def test_published_accuracies():
 
 def test_paper_config_derived_models_are_table_s2():
     config = load_config(REPO / "config" / "paper.yaml")
+    config["zoo"]["harmonized"] = "trained"
     zoo = load_zoo(config)
     derived = zoo[zoo["training"] != "standard"]
     assert len(zoo) == 285 and derived["training"].value_counts().to_dict() == {
@@ -96,3 +97,21 @@ def test_unknown_timm_names_are_one_line_errors():
     assert "resnet50.a1_in1k" in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(PipelineError, match="no architecture 'xception'.*renamed 'legacy_xception'"):
         check_zoo_timm_names([{"model": "xception", "timm_name": "xception"}])  # renamed to legacy_xception
+
+
+def test_paper_config_released_models_replace_the_trained_harmonized_ones():
+    """zoo.harmonized: released (config/paper.yaml's choice): the seven released files stand in
+    for the 14 trained harmonized entries; each imports onto an architecture the pinned timm
+    builds (keras_resnet50v2 registered by advalign.keras_archs); control and robust stay."""
+    from advalign.weights import check_zoo_timm_names
+
+    config = load_config(REPO / "config" / "paper.yaml")
+    assert config["zoo"]["harmonized"] == "released"
+    zoo = load_zoo(config)
+    harmonized = zoo[zoo["training"] == "harmonized"]
+    assert len(zoo) == 263 + 7 + 8 and len(harmonized) == 7
+    assert harmonized["checkpoint"].str.startswith(
+        "https://storage.googleapis.com/serrelab/prj_harmonization/models/").all()
+    assert (harmonized["checkpoint_keys"] == "keras").all()
+    check_zoo_timm_names(harmonized.to_dict("records"))
+    assert set(harmonized["base_model"]) - {""} <= set(zoo["model"])

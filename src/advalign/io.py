@@ -169,6 +169,11 @@ def read_json(path):
 PACKAGE_PREFIX = "package:"
 
 
+def is_url(spec) -> bool:
+    """A config or zoo cell that names a file to download rather than a local path."""
+    return str(spec).strip().startswith(("http://", "https://"))
+
+
 def resolve_source_path(spec: str, where: str, what: str = "file") -> Path:
     """A file named in a config table: a path (relative to the working directory), or
     ``package:NAME/inner/path``, a file shipped inside the installed Python package NAME

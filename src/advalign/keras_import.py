@@ -53,33 +53,39 @@ class KerasFile:
                 head = raw.read(16)
             reason = "an HTML page" if head.lstrip()[:1] == b"<" else f"starts with bytes {head[:8]!r}"
             raise PipelineError(f"{where}: {self.path} is not an HDF5 file ({reason}; {str(exc)[:80]})") from None
-        with handle:
-            self.keras_version = _text(handle.attrs.get("keras_version", ""))
-            self.backend = _text(handle.attrs.get("backend", ""))
-            self.whole_model = "model_weights" in handle
-            raw_config = handle.attrs.get("model_config")
-            self.config = json.loads(_text(raw_config)) if raw_config is not None else None
-            root = handle["model_weights"] if self.whole_model else handle
-            if "layer_names" not in root.attrs:
-                keras3 = "layers" in handle or "_layer_checkpoint_dependencies" in handle
-                kind = "Keras 3's .weights.h5 layout" if keras3 else "no Keras layer list (attribute layer_names)"
-                raise PipelineError(f"{where}: {self.path} is not a Keras 2 HDF5 model or weights file ({kind})")
-            if not self.keras_version.startswith("2."):
-                raise PipelineError(
-                    f"{where}: {self.path} was written by Keras {self.keras_version or '(no version)'}; "
-                    "the importer reads Keras 2's HDF5 layout (keras_version 2.x)"
-                )
-            self.weights: dict[str, np.ndarray] = {}
-            for layer in root.attrs["layer_names"]:
-                group = root[_text(layer)]
-                for name in group.attrs.get("weight_names", []):
-                    name = _text(name)
-                    key = name[:-2] if name.endswith(":0") else name
-                    if key in self.weights:
-                        raise PipelineError(f"{where}: {self.path} holds the Keras variable {key!r} twice")
-                    self.weights[key] = np.asarray(group[name])
+        try:
+            with handle:
+                self._read(handle, where)
+        except (OSError, KeyError, RuntimeError) as exc:  # a truncated or damaged file, read past its end
+            raise PipelineError(f"{where}: {self.path} is a damaged HDF5 file ({str(exc).splitlines()[0][:100]})") from None
         if not self.weights:
             raise PipelineError(f"{where}: {self.path} holds no Keras variables")
+
+    def _read(self, handle, where: str) -> None:
+        self.keras_version = _text(handle.attrs.get("keras_version", ""))
+        self.backend = _text(handle.attrs.get("backend", ""))
+        self.whole_model = "model_weights" in handle
+        raw_config = handle.attrs.get("model_config")
+        self.config = json.loads(_text(raw_config)) if raw_config is not None else None
+        root = handle["model_weights"] if self.whole_model else handle
+        if "layer_names" not in root.attrs:
+            keras3 = "layers" in handle or "_layer_checkpoint_dependencies" in handle
+            kind = "Keras 3's .weights.h5 layout" if keras3 else "no Keras layer list (attribute layer_names)"
+            raise PipelineError(f"{where}: {self.path} is not a Keras 2 HDF5 model or weights file ({kind})")
+        if not self.keras_version.startswith("2."):
+            raise PipelineError(
+                f"{where}: {self.path} was written by Keras {self.keras_version or '(no version)'}; "
+                "the importer reads Keras 2's HDF5 layout (keras_version 2.x)"
+            )
+        self.weights: dict[str, np.ndarray] = {}
+        for layer in root.attrs["layer_names"]:
+            group = root[_text(layer)]
+            for name in group.attrs.get("weight_names", []):
+                name = _text(name)
+                key = name[:-2] if name.endswith(":0") else name
+                if key in self.weights:
+                    raise PipelineError(f"{where}: {self.path} holds the Keras variable {key!r} twice")
+                self.weights[key] = np.asarray(group[name])
 
     def final_activation(self) -> str | None:
         """The activation of the whole model's last layer (None for a weights-only file)."""

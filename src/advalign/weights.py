@@ -15,7 +15,7 @@ import logging
 from functools import lru_cache
 from pathlib import Path
 
-from .io import PipelineError, torch_load, torch_save
+from .io import PipelineError, is_url, torch_load, torch_save
 from .models import timm_kwargs
 
 log = logging.getLogger(__name__)
@@ -119,13 +119,25 @@ def fetch_pretrained_weights(row: dict, out_path: str | Path) -> Path:
 KEY_MAPPINGS = ("", "positional", "keras")
 
 
-def checkpoint_inputs(row: dict) -> dict:
+def downloaded_checkpoint_path(cache_dir: str | Path, row: dict) -> Path:
+    """Where a checkpoint given as a URL lands: ``{cache}/downloads/{model}{suffix of the URL}``."""
+    from urllib.parse import urlparse
+
+    suffix = Path(urlparse(str(row["checkpoint"]).strip()).path).suffix or ".bin"
+    return Path(cache_dir) / "downloads" / f"{row['model']}{suffix}"
+
+
+def checkpoint_inputs(row: dict, cache_dir: str | Path = "weights") -> dict:
     """The files importing a zoo row's checkpoint reads, resolved while planning:
-    {"checkpoint": path} plus {"key_table": path} for a rename table."""
+    {"checkpoint": path} plus {"key_table": path} for a rename table. A checkpoint given as a
+    URL is the file the local rule download_checkpoint puts in the cache's downloads folder."""
     from .io import resolve_source_path
 
     where = f"model '{row['model']}'"
-    inputs = {"checkpoint": str(resolve_source_path(row["checkpoint"], where, "checkpoint"))}
+    if is_url(row["checkpoint"]):
+        inputs = {"checkpoint": str(downloaded_checkpoint_path(cache_dir, row))}
+    else:
+        inputs = {"checkpoint": str(resolve_source_path(row["checkpoint"], where, "checkpoint"))}
     keys = (row.get("checkpoint_keys") or "").strip()
     if keys not in KEY_MAPPINGS:
         inputs["key_table"] = str(resolve_source_path(keys, where, "checkpoint_keys rename table"))
@@ -227,11 +239,11 @@ def import_checkpoint(row: dict, checkpoint, out_path, key_table=None) -> Path:
     if keys == "keras":
         from .keras_import import KerasFile, keras_state_dict
 
-        source = KerasFile(checkpoint, where)
+        source = KerasFile(verified_checkpoint(checkpoint), where)
         state = keras_state_dict(source, row["timm_name"].partition(".")[0], target)
         source = source.weights
     else:
-        source = _load_checkpoint_tensors(Path(checkpoint), where)
+        source = _load_checkpoint_tensors(verified_checkpoint(checkpoint), where)
         state = map_checkpoint_keys(source, target, keys, where, Path(key_table) if key_table else None)
     state = {name: tensor.to(target[name].dtype).contiguous() for name, tensor in state.items()}
     model.load_state_dict(state, strict=True)  # fits by construction; fails loudly otherwise
@@ -239,3 +251,95 @@ def import_checkpoint(row: dict, checkpoint, out_path, key_table=None) -> Path:
     log.info("%s: %d tensors of %s mapped onto %s (%s, %d parameters) -> %s", row["model"], len(source), checkpoint,
              row["timm_name"], keys or "timm names", sum(p.numel() for p in model.parameters()), out_path)  # fmt: skip
     return Path(out_path)
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints published at a URL (the authors' released Keras models)
+# ---------------------------------------------------------------------------
+
+CHECKPOINT_LOCK = "checkpoints.lock.json"
+
+
+def _checkpoint_lock(dest: Path) -> Path:
+    return dest.parent / CHECKPOINT_LOCK
+
+
+def _check_checkpoint_file(row: dict, path: Path, where: str) -> None:
+    """The downloaded file is whole and what its row says it is, before it gets its final name."""
+    keys = (row.get("checkpoint_keys") or "").strip()
+    if keys == "keras":
+        from .keras_import import KerasFile
+
+        KerasFile(path, where)  # opens the HDF5 file and reads every variable: a truncated file fails
+    else:
+        try:
+            torch_load(path)
+        except PipelineError as exc:
+            raise PipelineError(f"{where}: {exc}") from None
+
+
+def download_checkpoint(row: dict, dest, fetch: dict) -> Path:
+    """Download a zoo row's checkpoint URL to ``dest`` (resumable, retried, checked, atomic).
+
+    As for the ClickMe shards (advalign.data.fetch): the file streams into ``dest.part`` with a
+    byte progress bar and resumes a partial download; it is opened and read in full (a Keras file
+    through advalign.keras_import, a PyTorch file through io.torch_load) before the atomic rename;
+    its sha256 is recorded in ``{downloads}/checkpoints.lock.json`` on the first fetch and
+    checked on every later use (:func:`verified_checkpoint`). ``fetch``: retries, backoff_s,
+    timeout_s (data.paper.checkpoint_fetch).
+    """
+    import json
+
+    from .data.fetch import download
+    from .data.shard_lock import file_sha256
+    from .io import write_json
+
+    dest = Path(dest)
+    url = str(row["checkpoint"]).strip()
+    where = f"model '{row['model']}' ({url})"
+    part = download(url, dest, retries=fetch["retries"], backoff_s=fetch["backoff_s"], timeout_s=fetch["timeout_s"],
+                    key=f"zoo checkpoint of model '{row['model']}'",
+                    server_key=f"zoo checkpoint of model '{row['model']}'")  # fmt: skip
+    try:
+        _check_checkpoint_file(row, part, where)
+    except PipelineError:
+        part.unlink(missing_ok=True)  # a damaged download is never resumed or renamed
+        raise
+    digest = file_sha256(part)
+    lock_file = _checkpoint_lock(dest)
+    lock = json.loads(lock_file.read_text()) if lock_file.is_file() else {}
+    recorded = lock.get(dest.name)
+    if recorded is not None and recorded["sha256"] != digest:
+        part.unlink(missing_ok=True)
+        raise PipelineError(
+            f"{where}: sha256 {digest[:16]}... differs from {recorded['sha256'][:16]}... recorded in {lock_file} "
+            "at the first fetch; the published file changed (delete the lock entry to accept it)"
+        )
+    part.replace(dest)
+    lock[dest.name] = {"url": url, "sha256": digest, "bytes": dest.stat().st_size}
+    write_json(lock, lock_file)
+    log.info("%s: %d bytes, sha256 %s -> %s", url, dest.stat().st_size, digest, dest)
+    return dest
+
+
+def verified_checkpoint(path) -> Path:
+    """A downloaded checkpoint checked against the sha256 its lock recorded at the first fetch
+    (files that did not come from a URL have no lock entry and pass as they are)."""
+    import json
+
+    from .data.shard_lock import file_sha256
+
+    path = Path(path)
+    lock_file = _checkpoint_lock(path)
+    if not lock_file.is_file():
+        return path
+    try:
+        recorded = json.loads(lock_file.read_text()).get(path.name)
+    except ValueError as exc:
+        raise PipelineError(f"{lock_file}: unreadable lock file ({exc}); delete it to verify afresh") from None
+    if recorded is not None and file_sha256(path) != recorded["sha256"]:
+        raise PipelineError(
+            f"{path}: sha256 differs from {recorded['sha256'][:16]}... recorded in {lock_file} when it was "
+            "downloaded; the file changed (delete it to download it again)"
+        )
+    return path

@@ -1,5 +1,7 @@
 """The model zoo: base models from a CSV table plus the derived (harmonized, control,
-robust) models declared in config. One DataFrame with ``columns.ZOO_COLUMNS``."""
+robust) models declared in config, or, with ``zoo.harmonized: released``, the authors'
+released harmonized models of ``zoo.released`` in place of the harmonized derived ones.
+One DataFrame with ``columns.ZOO_COLUMNS``."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from .columns import ARCH_CLASSES, TRAINING_KINDS, ZOO_COLUMNS
-from .io import PipelineError
+from .io import PipelineError, is_url
 from .models import data_config_overrides, json_cell
 
 _ID = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -96,7 +98,10 @@ def load_zoo(config: dict) -> pd.DataFrame:
     source = dict(base.attrs["source"])
     rows = base.to_dict("records")
     known = {r["model"]: r for r in rows}
+    released = config["zoo"].get("harmonized", "trained") == "released"
     for i, spec in enumerate(config["zoo"].get("derived", [])):
+        if released and spec["training"] == "harmonized":
+            continue  # zoo.harmonized: released -- the authors' files stand in for training
         where = f"config zoo.derived[{i}] ({spec['model']})"
         parent = known.get(spec["base_model"])
         if parent is None:
@@ -119,6 +124,20 @@ def load_zoo(config: dict) -> pd.DataFrame:
         )
         rows.append(row)
         known[row["model"]] = row
+    if released:
+        path = config["zoo"].get("released", "config/zoo_released.csv")
+        table = read_zoo_table(path)
+        for row in table.to_dict("records"):
+            where = table.attrs["source"][row["model"]]
+            if row["model"] in known:
+                raise PipelineError(f"{where}: model id already used ({source[row['model']]})")
+            if row["base_model"] and row["base_model"] not in known:
+                raise PipelineError(f"{where}: base_model {row['base_model']!r} is not in {config['zoo']['table']}")
+            if not is_url(row["checkpoint"]) or row["checkpoint_keys"] != "keras":
+                raise PipelineError(f"{where}: a released model needs a checkpoint URL and checkpoint_keys keras")
+            source[row["model"]] = where
+            rows.append(row)
+            known[row["model"]] = row
     zoo = pd.DataFrame(rows, columns=list(ZOO_COLUMNS))
     for column in ("harmonizer_lambda", "robust_eps", "top1"):
         zoo[column] = zoo[column].map(_as_float)

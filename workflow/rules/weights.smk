@@ -5,7 +5,7 @@
 if not SYNTHETIC:
     from advalign.weights import check_zoo_timm_names, require_complete_cache
 
-    from advalign.weights import checkpoint_inputs
+    from advalign.weights import checkpoint_inputs, is_url
 
     WEIGHTS_CACHE = config["data"]["paper"]["weights_cache"]
     CACHED_MODELS = [m for m in MODELS if not is_trained(m)]
@@ -19,10 +19,26 @@ if not SYNTHETIC:
             (ZOO_ROWS[m] for m in CACHED_MODELS), source=ZOO.attrs["source"]
         )
         # A checkpoint (or rename table) that is not there: say so now, naming the row.
-        CHECKPOINT_INPUTS = {m: checkpoint_inputs(ZOO_ROWS[m]) for m in IMPORTED_MODELS}
+        CHECKPOINT_INPUTS = {
+            m: checkpoint_inputs(ZOO_ROWS[m], WEIGHTS_CACHE) for m in IMPORTED_MODELS
+        }
+        # Checkpoints published at a URL (the authors' released Keras models) are downloaded
+        # by the local rule download_checkpoint into the cache's downloads folder.
+        DOWNLOADS = {
+            Path(CHECKPOINT_INPUTS[m]["checkpoint"]).name: m
+            for m in IMPORTED_MODELS
+            if is_url(ZOO_ROWS[m]["checkpoint"])
+        }
         if not config["data"]["paper"]["fetch_weights"]:
             # No rule can make a missing file: say which, before any job starts.
             require_complete_cache(WEIGHTS_CACHE, FETCHED_MODELS)
+            for name, m in DOWNLOADS.items():
+                if not Path(CHECKPOINT_INPUTS[m]["checkpoint"]).is_file():
+                    raise PipelineError(
+                        f"{CHECKPOINT_INPUTS[m]['checkpoint']}: checkpoint of model '{m}' "
+                        f"({ZOO_ROWS[m]['checkpoint']}) is not downloaded, and "
+                        "data.paper.fetch_weights is false"
+                    )
     except PipelineError as exc:
         raise WorkflowError(str(exc)) from None
 
@@ -61,6 +77,26 @@ if not SYNTHETIC:
             "../scripts/import_weights.py"
 
     if config["data"]["paper"]["fetch_weights"]:
+
+        localrules:
+            download_checkpoint,
+
+        rule download_checkpoint:
+            # A zoo checkpoint given as a URL: resumable, retried, read in full, renamed
+            # atomically; its sha256 is locked at the first fetch (advalign.weights).
+            output:
+                f"{WEIGHTS_CACHE}/downloads/{{name}}",
+            log:
+                "logs/weights/download_{name}.log",
+            wildcard_constraints:
+                name="|".join(map(re.escape, DOWNLOADS)) if DOWNLOADS else "NO_FILES",
+            conda:
+                "../../envs/torch.yaml"
+            params:
+                model=lambda wildcards: model_row(DOWNLOADS[wildcards.name]),
+                fetch=config["data"]["paper"]["checkpoint_fetch"],
+            script:
+                "../scripts/download_checkpoint.py"
 
         localrules:
             fetch_weights,
