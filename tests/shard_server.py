@@ -38,7 +38,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.server.fail_first > 0:
             self.server.fail_first -= 1
             return self._status(503, rng)
-        relative = self.path.split("?")[0].removeprefix("/click-me/")
+        relative = self.path.split("?")[0].removeprefix("/click-me/").lstrip("/")  # bucket-relative
         path = (self.server.root / relative).resolve()
         if self.server.root.resolve() not in path.parents or not path.is_file():
             return self._status(404, rng)

@@ -13,6 +13,8 @@ architecture, not HDF5 or not Keras 2 must be refused in one line with nothing c
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -151,3 +153,86 @@ def test_malformed_and_foreign_files_are_refused_in_one_line(release_like, tmp_p
     with h5py.File(plain, "w") as handle:
         handle["data"] = np.zeros(3)
     assert "not a Keras 2 HDF5 model or weights file" in _refused(_row("levit128", plain), tmp_path)
+
+
+# --------------------------------------------------------------------------- downloads
+
+
+FETCH = {"retries": 1, "backoff_s": 0.05, "timeout_s": 10}
+
+
+def _served(bucket: Path, server, name: str) -> dict:
+    row = _row("levit128", Path("unused"))
+    row["checkpoint"] = server.url.split("/click-me/")[0] + f"/models/{name}"
+    return row
+
+
+def test_a_released_file_downloads_resumes_and_is_locked(release_like, tmp_path):
+    """download_checkpoint against a real HTTP server on 127.0.0.1: a partial download is resumed
+    with a Range request; the file is read in full before its atomic rename; its sha256 is locked,
+    and a later change of the file is refused when it is imported, with nothing cached."""
+    from shard_server import serving
+
+    from advalign.weights import download_checkpoint
+
+    original = (release_like / "levit128.h5").read_bytes()
+    bucket = tmp_path / "bucket"
+    (bucket / "models").mkdir(parents=True)
+    (bucket / "models" / "levit_small_harmonized.h5").write_bytes(original)
+    dest = tmp_path / "weights" / "downloads" / "released_levit128.h5"
+    dest.parent.mkdir(parents=True)
+    half = len(original) // 2
+    dest.with_name(dest.name + ".part").write_bytes(original[:half])  # a fetch killed halfway
+    with serving(bucket) as server:
+        row = _served(bucket, server, "levit_small_harmonized.h5")
+        download_checkpoint(row, dest, FETCH)
+        ranges = [rng for path, rng, status in server.requests]
+    assert ranges == [f"bytes={half}-"]  # resumed, not restarted
+    assert dest.read_bytes() == original and not dest.with_name(dest.name + ".part").exists()
+    lock = json.loads((dest.parent / "checkpoints.lock.json").read_text())
+    assert lock[dest.name]["sha256"] == hashlib.sha256(original).hexdigest() and lock[dest.name]["url"] == row["checkpoint"]
+    # The download imports exactly like the file itself.
+    cached = import_checkpoint(row, dest, tmp_path / "weights" / "released_levit128.pth")
+    reference = np.load(release_like / "levit128.npz")
+    logits = _logits(row, cached, reference["x"])
+    assert np.abs(logits - reference["logits"]).max() < TOLERANCE * np.abs(reference["logits"]).max()
+    # A byte changed after the download: the import refuses it in one line, and caches nothing.
+    changed = bytearray(original)
+    changed[len(changed) // 2] ^= 0xFF
+    dest.write_bytes(bytes(changed))
+    row["checkpoint"] = str(dest)
+    (tmp_path / "weights" / "released_levit128.pth").unlink()
+    message = _refused(row, tmp_path)
+    assert "sha256 differs" in message and "checkpoints.lock.json" in message
+
+
+def test_a_damaged_or_changed_release_is_refused_in_one_line(release_like, tmp_path):
+    from shard_server import serving
+
+    from advalign.weights import download_checkpoint
+
+    original = (release_like / "levit128.h5").read_bytes()
+    bucket = tmp_path / "bucket"
+    (bucket / "models").mkdir(parents=True)
+    (bucket / "models" / "truncated.h5").write_bytes(original[: int(len(original) * 0.6)])
+    (bucket / "models" / "levit.h5").write_bytes(original)
+    (bucket / "models" / "other.h5").write_bytes((release_like / "efficientnet_b0.h5").read_bytes())
+    downloads = tmp_path / "weights" / "downloads"
+    with serving(bucket) as server:
+        # A file cut short on the server: read in full before the rename, so it is refused.
+        dest = downloads / "cut.h5"
+        with pytest.raises(PipelineError) as caught:
+            download_checkpoint(_served(bucket, server, "truncated.h5"), dest, FETCH)
+        assert "\n" not in str(caught.value) and "truncated.h5" in str(caught.value)
+        assert not dest.exists() and not dest.with_name("cut.h5.part").exists()
+        # Not on the server: one line naming the URL.
+        with pytest.raises(PipelineError, match=r"missing\.h5: HTTP 404"):
+            download_checkpoint(_served(bucket, server, "missing.h5"), downloads / "missing.h5", FETCH)
+        # The published file changed since the first fetch (the lock remembers): refused.
+        dest = downloads / "levit.h5"
+        download_checkpoint(_served(bucket, server, "levit.h5"), dest, FETCH)
+        dest.unlink()
+        (bucket / "models" / "levit.h5").write_bytes((release_like / "convnext_tiny.h5").read_bytes())
+        with pytest.raises(PipelineError, match="differs from .* recorded in .*checkpoints.lock.json"):
+            download_checkpoint(_served(bucket, server, "levit.h5"), dest, FETCH)
+        assert not dest.exists() and not dest.with_name("levit.h5.part").exists()

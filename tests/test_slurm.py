@@ -206,7 +206,8 @@ def test_workflow_runs_through_sbatch(request, slurm_cluster, tmp_path):
 PHOTO_LABELS = [285, 652, 657, 665, 872, 967]  # config/photos_real.csv
 REHEARSAL_TIMEOUT_S = 1200
 REHEARSAL_REMOTE = {"paper_stimuli", "attack", "human_alignment"}
-REHEARSAL_LOCAL = {"clickme_shards", "import_weights", "model_table", "table_s2", "claims"}
+REHEARSAL_LOCAL = {"clickme_shards", "download_checkpoint", "import_weights", "model_table", "table_s2", "claims"}
+RELEASED_FILE = "levit_small_harmonized.h5"  # the smallest of the seven released files
 
 
 def _bucket_of_photos(root: Path) -> Path:
@@ -235,16 +236,24 @@ def test_dress_rehearsal_of_the_paper_from_public_inputs(request, slurm_cluster,
 
     workdir = copy_repo(tmp_path / "repo")
     bucket = _bucket_of_photos(tmp_path / "bucket")
+    # One released harmonized model, served like the authors' bucket serves theirs: a LeViT-128
+    # built by the release's library (keras_cv_attention_models, Keras 2) with random weights.
+    keras_dir = tmp_path / "keras"
+    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    subprocess.run([sys.executable, str(REPO / "tests/keras/make_release_like.py"), str(keras_dir), "levit128"],
+                   env=env, check=True, capture_output=True, timeout=600)  # fmt: skip
+    (bucket / "models").mkdir()
+    shutil.copy(keras_dir / "levit128.h5", bucket / "models" / RELEASED_FILE)
     small = {"gpu": 1, "runtime": 30, "mem_mb": 3000}
     overlay = {
         "device": "cpu",
         "data": {"paper": {
             "clickme": {"shard_dir": "data/clickme"},  # empty: everything comes from the server
             "stimuli": {"classes": PHOTO_LABELS, "per_class": 1},
-            "weights_cache": "results/weights_cache", "fetch_weights": False,
+            "weights_cache": "results/weights_cache", "fetch_weights": True,  # the released file's download
             "resources": {"attack": small, "stimuli": {**small, "gpu": 0}},
         }},
-        "zoo": {"table": "config/zoo_real.csv", "derived": []},
+        "zoo": {"table": "config/zoo_real.csv", "derived": [], "released": "rehearsal_released.csv"},
         "attacks": {"threads": 1, "batch_size": 8, "chunk_size": 8, "keep_examples": 6,
                     "cw_l2": {"n_images": 2, "n_cnn": 1, "n_vit": 0, "steps": 10, "search_steps": 2}},
         "figures": {"dpi": 80, "qualitative_images": 3, "qualitative_models": 3},
@@ -252,6 +261,10 @@ def test_dress_rehearsal_of_the_paper_from_public_inputs(request, slurm_cluster,
     first_job = last_job_id()
     with serving(bucket) as server:
         overlay["data"]["paper"]["clickme"]["fetch"] = {"base_url": server.url, "retries": 1, "backoff_s": 0.1}
+        released = pd.read_csv(REPO / "config/zoo_released.csv", comment="#", dtype=str, keep_default_na=False)
+        released = released[released["model"] == "levit_128_harmonized"]
+        released["checkpoint"] = server.url.split("/click-me/")[0] + f"/models/{RELEASED_FILE}"
+        released.to_csv(workdir / "rehearsal_released.csv", index=False)
         (workdir / "rehearsal.yaml").write_text(yaml.safe_dump(overlay))
         cmd = ["timeout", "-k", "10", str(REHEARSAL_TIMEOUT_S), sys.executable, "-m", "snakemake", "--profile", "slurm",
                "--configfile", "config/paper.yaml", "rehearsal.yaml", "--slurm-init-seconds-before-status-checks", "5"]  # fmt: skip
@@ -266,8 +279,13 @@ def test_dress_rehearsal_of_the_paper_from_public_inputs(request, slurm_cluster,
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-8000:]
     # ClickMe came from the server: val-0 and val-1, then the 404 that ends the split.
-    assert asked == [("/click-me/val/val-0.tfrecords", 200), ("/click-me/val/val-1.tfrecords", 200),
-                     ("/click-me/val/val-2.tfrecords", 404)], asked  # fmt: skip
+    shards = [entry for entry in asked if entry[0].startswith("/click-me/")]
+    assert shards == [("/click-me/val/val-0.tfrecords", 200), ("/click-me/val/val-1.tfrecords", 200),
+                      ("/click-me/val/val-2.tfrecords", 404)], asked  # fmt: skip
+    # The released model came from the server once, and its sha256 is locked beside it.
+    assert [entry for entry in asked if entry not in shards] == [(f"/models/{RELEASED_FILE}", 200)], asked
+    checkpoint_lock = json.loads((workdir / "results/weights_cache/downloads/checkpoints.lock.json").read_text())
+    assert set(checkpoint_lock) == {"levit_128_harmonized.h5"}
     lock = json.loads((workdir / "data/clickme/val.lock.json").read_text())
     assert sorted(lock["shards"]) == ["val-0.tfrecords", "val-1.tfrecords"]
     # Every figure and table.
@@ -278,8 +296,10 @@ def test_dress_rehearsal_of_the_paper_from_public_inputs(request, slurm_cluster,
         for ext in ("csv", "md"):
             assert (workdir / f"results/tables/{table}.{ext}").stat().st_size > 0, table
     model_table = pd.read_csv(workdir / "results/stats/model_attack_table.csv")
-    assert set(model_table["model"]) == {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"}
+    assert set(model_table["model"]) == {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
+                                         "levit_128_harmonized"}  # fmt: skip
     assert model_table["human_alignment"].notna().all() and (model_table["n_human"] == 6).all()
+    assert "levit_128_harmonized" in set(pd.read_csv(workdir / "results/tables/table_s2.csv")["model"])
     # Nothing left to do, and planning it needs no network (the server is gone).
     dry = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--configfile", "config/paper.yaml",
                           "rehearsal.yaml"], cwd=workdir, capture_output=True, text=True, timeout=300)  # fmt: skip
