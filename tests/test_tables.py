@@ -151,7 +151,8 @@ def test_stats_scripts_end_to_end(tmp_path):
                "attacks": fake["attack_paths"]}, output=[str(tests)])
     for script, name in (("claims.py", "claims"), ("table_s1.py", "table_s1"), ("table_s2.py", "table_s2")):
         run_script(script, tmp_path / f"{name}.log", input={"table": str(table), "tests": str(tests)},
-                   output={"csv": str(tmp_path / f"{name}.csv"), "md": str(tmp_path / f"{name}.md")})
+                   output={"csv": str(tmp_path / f"{name}.csv"), "md": str(tmp_path / f"{name}.md")},
+                   params={"released": False} if name == "table_s2" else {})  # fmt: skip
     assert len(pd.read_csv(tmp_path / "claims.csv")) > 20
     assert pd.read_csv(tmp_path / "table_s1.csv")["count"].iloc[-1] == len(STANDARD_MODELS)
     assert len(pd.read_csv(tmp_path / "table_s2.csv")) == 3
@@ -218,3 +219,21 @@ def test_table_s2_and_the_claims_put_the_papers_human_alignment_beside_ours(fake
     accuracy = claims.loc["Table S2: top-1 accuracy (%) of ConvNeXt-T (lambda 5) (convnext_tiny_harmonized_l5)"]
     assert accuracy["paper_value"] == 75.5 and accuracy["agrees"] == (abs(accuracy["recomputed_value"] - 75.5) <= 1)
     assert claims.index.str.startswith("Table S2: ").sum() == 2  # only the rows that match
+
+
+def test_table_s2_with_released_models_marks_the_papers_other_rows_not_released(fake):
+    """zoo.harmonized: released: the harmonized models present are the released files; each of the
+    paper's 14 Table S2 rows that none of them is appears once, marked "not released", with the
+    paper's values and nothing measured."""
+    from advalign.tables import PAPER_TABLE_S2
+
+    table = fake["table"].copy()
+    table["model"] = table["model"].replace({"convnext_tiny_harmonized": "vgg16_harmonized"})
+    s2 = table_s2(table, released=True)
+    present = s2[s2["source"] == "released"]
+    absent = s2[s2["source"] == "not released"].set_index("model")
+    assert "vgg16_harmonized" in set(present["model"]) and (s2["source"] != "trained").all()
+    assert set(absent.index) == {model for _, model, _, _ in PAPER_TABLE_S2} - {"vgg16_harmonized"}
+    assert len(absent) == 13 and absent["accuracy"].isna().all() and absent["human_alignment"].isna().all()
+    assert absent.loc["maxvit_tiny_harmonized_l10", ["paper_human_alignment", "paper_accuracy"]].tolist() == [59.0, 78.1]
+    assert set(table_s2(table)["source"]) == {"trained"}  # the default: trained by the pipeline

@@ -209,5 +209,6 @@ TABLE_S2_COLUMNS = (
     "paper_model",  # the row of the paper's Table S2 this model is (empty: none)
     "paper_accuracy",
     "paper_human_alignment",
+    "source",  # trained (by this pipeline) | released (the authors' file, imported) | not released
 )
 

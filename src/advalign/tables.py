@@ -75,13 +75,16 @@ S2_HUMAN_TOLERANCE = 5.0
 S2_ACCURACY_TOLERANCE = 1.0
 
 
-def table_s2(model_table: pd.DataFrame) -> pd.DataFrame:
+def table_s2(model_table: pd.DataFrame, released: bool = False) -> pd.DataFrame:
     """Harmonized models: lambda, accuracy, their control's accuracy, l2-PGD alignment and their
     base's, human feature alignment (Table S2's measure) and their base's, and the paper's
     Table S2 row where the model is one of them.
 
     The control accuracy is that of the control model fine-tuned from the same
-    base (the mean if there are several); NaN where no control exists.
+    base (the mean if there are several); NaN where no control exists. ``released``
+    (zoo.harmonized: released): the harmonized models are the authors' released files, and
+    each of the paper's Table S2 rows that none of them is gets a row marked "not released"
+    with the paper's values alone.
     """
     table = prepare_table(model_table)
     models = table.drop_duplicates("model").set_index("model")
@@ -108,8 +111,14 @@ def table_s2(model_table: pd.DataFrame) -> pd.DataFrame:
                 "paper_model": paper_model,
                 "paper_accuracy": paper_accuracy,
                 "paper_human_alignment": paper_human,
+                "source": "released" if released else "trained",
             }
         )
+    if released:
+        for label, model, paper_human, paper_accuracy in PAPER_TABLE_S2:
+            if model not in harmonized.index:
+                rows.append({"model": model, "paper_model": label, "paper_accuracy": paper_accuracy,
+                             "paper_human_alignment": paper_human, "source": "not released"})  # fmt: skip
     return pd.DataFrame(rows, columns=list(TABLE_S2_COLUMNS))
 
 

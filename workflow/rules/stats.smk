@@ -106,6 +106,7 @@ rule table_s2:
         "../../envs/plotting.yaml"
     params:
         code=code_version("table_s2.py"),
+        released=config["zoo"].get("harmonized") == "released" and not SYNTHETIC,
     script:
         "../scripts/table_s2.py"
 

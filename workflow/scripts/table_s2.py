@@ -7,7 +7,8 @@ from advalign.tables import table_s2, write_table_pair
 
 
 def main(smk):
-    write_table_pair(table_s2(pd.read_csv(smk.input.table)), smk.output.csv, smk.output.md, title="Table S2: harmonized models")
+    table = table_s2(pd.read_csv(smk.input.table), released=smk.params.released)
+    write_table_pair(table, smk.output.csv, smk.output.md, title="Table S2: harmonized models")
 
 
 run(snakemake, main)  # noqa: F821
