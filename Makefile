@@ -5,7 +5,8 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-CORES  ?= 2
+# Snakemake's cores: every CPU of the machine unless pinned (make demo CORES=2).
+CORES  ?= $(shell nproc 2>/dev/null || echo 2)
 
 .PHONY: env demo test report lint clean
 
