@@ -48,19 +48,24 @@ def _job_counts(output: str) -> dict[str, int]:
     return counts
 
 
-def test_dry_run_plans_one_attack_per_model_and_attack(workdir):
-    proc = snakemake(workdir, "-n", "--quiet", "rules", *_config_args())
+@pytest.mark.parametrize("harmonized", ["released", "trained"])
+def test_dry_run_plans_one_attack_per_model_and_attack(workdir, harmonized):
+    override = _write_override(workdir, f"{harmonized}.yaml", zoo={"harmonized": harmonized})
+    proc = snakemake(workdir, "-n", "--quiet", "rules", "--configfile", "config/paper.yaml", override)
     counts = _job_counts(proc.stdout + proc.stderr)
     config = load_config(REPO / "config" / "paper.yaml")
+    config["zoo"]["harmonized"] = harmonized
     zoo = load_zoo(config)
     n_models = len(zoo)
     n_standard = int((zoo["training"] == "standard").sum())
-    assert (n_models, n_standard) == (285, 263)
+    n_released = int(zoo["checkpoint"].astype(bool).sum())
+    # 263 timm models; trained: 14 harmonized + 4 control + 4 robust; released: 7 released + 8.
+    assert (n_models, n_standard, n_released) == ((278, 263, 7) if harmonized == "released" else (285, 263, 0))
     cw = config["attacks"]["cw_l2"]
     expected = {
         "attack": 2 * n_models + cw["n_cnn"] + cw["n_vit"],  # pgd_l2 + pgd_linf on all, CW on 50 + 50
         "fetch_weights": n_standard,  # the cache of the fixture is empty
-        "train": n_models - n_standard,
+        "train": n_models - n_standard - n_released,
         "paper_stimuli": 1,
         "clickme_shards": 2,  # val (stimuli) and train (the harmonizer's maps)
         "human_alignment": n_models,  # Table S2's measure, one GPU job per model
@@ -73,6 +78,8 @@ def test_dry_run_plans_one_attack_per_model_and_attack(workdir):
         "all": 1,
         **{f"figure_{fig}": 1 for fig in figure_names()},
     }
+    if n_released:  # the authors' files: downloaded on the submitting host, then imported
+        expected.update(download_checkpoint=n_released, import_weights=n_released)
     expected["total"] = sum(expected.values())
     assert counts == expected
 
@@ -150,7 +157,8 @@ def test_the_paper_plans_with_no_data_on_disk(workdir):
     output = proc.stdout + proc.stderr
     assert "nowhere/clickme: ClickMe shard folder not found (config data.paper.clickme.shard_dir" in output
     assert "nowhere/train: ImageNet folder not found (config data.paper.imagenet.train_dir)" in output
-    assert re.search(r"^train\s+22$", output, re.M) and re.search(r"^attack\s+\d+$", output, re.M)
+    # config/paper.yaml's released harmonized models: only the 4 control and 4 robust models train.
+    assert re.search(r"^train\s+8$", output, re.M) and re.search(r"^attack\s+\d+$", output, re.M)
     proc = snakemake(workdir, "-n", "weights_cache", "--configfile", "config/paper.yaml", override)
     assert re.search(r"^fetch_weights\s+263$", proc.stdout + proc.stderr, re.M)
 
@@ -167,7 +175,7 @@ def test_unknown_timm_name_is_one_line(workdir):
         "vgg16,vgg16.tv_in1k,{},CNN,VGG\n"
         "xception,xception.tf_in1k,{},CNN,Xception\n"
     )
-    override = _write_override(workdir, "bad_zoo.yaml", zoo={"table": "bad_zoo.csv", "derived": []})
+    override = _write_override(workdir, "bad_zoo.yaml", zoo={"table": "bad_zoo.csv", "derived": [], "harmonized": "trained"})
     message = _planning_error(workdir, override)
     assert "model 'xception': timm" in message and "no architecture 'xception'" in message
 
