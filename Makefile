@@ -1,6 +1,7 @@
 # Two commands for a new user on a fresh machine with Python 3.11:
 #   make demo   create .venv, install everything, run the whole DAG on the embedded default
 #   make test   the same set-up, then the test suite (unit tests, workflow runs, SLURM, reruns)
+#   make test-fast  the suite without the tests marked slow (workflow, demo, real-model runs) or slurm
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -8,7 +9,7 @@ STAMP  := $(VENV)/.installed
 # Snakemake's cores: every CPU of the machine unless pinned (make demo CORES=2).
 CORES  ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: env demo test report lint clean
+.PHONY: env demo test test-fast report lint clean
 
 env: $(STAMP)
 
@@ -39,6 +40,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest
+
+test-fast: $(STAMP)
+	$(BIN)/pytest -m 'not slow and not slurm'
 
 report: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --report report.html

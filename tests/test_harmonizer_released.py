@@ -1,6 +1,6 @@
 """The harmonizer's alignment term and weight term against an independent re-derivation of
 the arithmetic of the released training code (serre-lab/Harmonization), written here from
-its description (README, "Training and the neural harmonizer"), not from either implementation:
+its description (docs/paper.md, "Training and the neural harmonizer"), not from either implementation:
 
 * both maps z-scored over (H, W) (population std + 1e-5) and rectified; the human map put
   on the scale of the saliency's maximum;
