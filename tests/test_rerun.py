@@ -212,6 +212,15 @@ def test_editing_attack_code_reruns_every_attack_and_what_follows(tiny_run, tmp_
     assert "Params have changed" in reason, reason
 
 
+def test_editing_one_attacks_code_reruns_that_attack_alone(tiny_run, tmp_path):
+    """Each attack job's fingerprint counts its own attack's module, not the other attacks'."""
+    enabled = tiny_config(tiny_run)["attacks"]["enabled"]
+    assert "cw_l2" in enabled and "pgd_l2" in enabled
+    with edited(tiny_run, "src/advalign/attacks/cw.py", _code_edit):
+        result = plan(tiny_run, tmp_path)
+    assert_only(result, [("attack", m, "cw_l2") for m in attacked_models(tiny_run, "cw_l2")], AGGREGATE_RULES)
+
+
 def test_editing_statistics_code_reruns_the_statistics_and_everything_downstream(tiny_run, tmp_path):
     with edited(tiny_run, "src/advalign/stats.py", _code_edit):
         result = plan(tiny_run, tmp_path)

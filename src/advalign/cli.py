@@ -11,13 +11,19 @@ import sys
 
 from pathlib import Path
 
-from .config import SCHEMA_PATH, check_overrides, load_config
+from .config import check_overrides, load_config
 from .io import PipelineError
 from .models import check_models_build
 from .zoo import load_zoo
 
 
-DEFAULT_CONFIG = SCHEMA_PATH.parents[2] / "config" / "config.yaml"  # the Snakefile's configfile
+# The Snakefile's configfile, in the workflow directory the command is run from (as Snakemake
+# reads it); from elsewhere, that of the checkout the package is installed from.
+DEFAULT_CONFIG = next(
+    (p for p in (Path("config/config.yaml"), Path(__file__).resolve().parents[2] / "config" / "config.yaml")
+     if p.is_file()),
+    Path("config/config.yaml"),
+)
 
 
 def _planned_config(files):

@@ -1,4 +1,5 @@
-"""Load and validate workflow configuration against workflow/schemas/config.schema.yaml.
+"""Load and validate workflow configuration against the config schema (``advalign/config.schema.yaml``,
+shipped with the package; reading it and its defaults is ``advalign.schema``).
 
 Validation fills defaults and reports the first problem as one line naming the
 key path and what was expected, so a typo in a config key is a clear error.
@@ -7,21 +8,12 @@ key path and what was expected, so a typo in a config key is a clear error.
 from __future__ import annotations
 
 import copy
-from functools import lru_cache
 from pathlib import Path
 
 import yaml
 
 from .io import PipelineError
-
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
-
-
-@lru_cache(maxsize=None)
-def _schema_file(path: Path) -> dict:
-    with open(path) as fh:
-        return yaml.safe_load(fh)
-
+from .schema import SCHEMA_PATH, _fill_defaults, _schema_file, schema_defaults  # noqa: F401 (re-exported)
 
 def load_schema(path: str | Path = SCHEMA_PATH) -> dict:
     """The config schema, with the attacks section completed from the attack registry:
@@ -45,46 +37,6 @@ def load_schema(path: str | Path = SCHEMA_PATH) -> dict:
     style = schema["properties"]["figures"]["properties"]["style"]
     style["properties"] = {fig: {"$ref": "#/$defs/figure_style"} for fig in figure_names()}
     return schema
-
-
-def schema_defaults(name: str, path: str | Path = SCHEMA_PATH) -> dict:
-    """The defaults a ``$defs`` entry of the schema fills into an empty block (its properties'
-    defaults, then its own ``default`` on top): the one place an attack's defaults are written."""
-    root = _schema_file(Path(path).resolve())
-    node = _resolve(root["$defs"][name], root)
-    return _fill_defaults(copy.deepcopy(node.get("default", {})), node, root)
-
-
-def _resolve(node: dict, root: dict) -> dict:
-    """A schema node with its ``$ref`` (and the target's own, in turn) merged in; the
-    referring node's keys win (e.g. a block's own ``default``)."""
-    while "$ref" in node:
-        target = root
-        for part in node["$ref"].lstrip("#/").split("/"):
-            target = target[part]
-        node = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
-    return node
-
-
-def _fill_defaults(value, node: dict, root: dict):
-    node = _resolve(node, root)
-    if node.get("x-no-defaults"):
-        return value  # e.g. attacks.overrides: only what the user wrote, checked but not filled
-    if isinstance(value, dict) and node.get("type") == "object":
-        for key, sub in node.get("properties", {}).items():
-            sub = _resolve(sub, root)
-            if key not in value and "default" in sub:
-                value[key] = copy.deepcopy(sub["default"])
-            if key in value:
-                value[key] = _fill_defaults(value[key], sub, root)
-        extra = node.get("additionalProperties")
-        if isinstance(extra, dict):
-            for key in value:
-                if key not in node.get("properties", {}):
-                    value[key] = _fill_defaults(value[key], extra, root)
-    elif isinstance(value, list) and isinstance(node.get("items"), dict):
-        value = [_fill_defaults(item, node["items"], root) for item in value]
-    return value
 
 
 def _describe(error) -> str:

@@ -91,13 +91,14 @@ def _discovers_submodules(tree: ast.AST) -> bool:
     return False
 
 
-def package_modules(script: Path, package_dir: Path) -> dict[str, Path]:
-    """{module name: file} of every package module ``script`` imports, transitively."""
+def package_modules(script: Path, package_dir: Path, exclude: frozenset[str] = frozenset()) -> dict[str, Path]:
+    """{module name: file} of every package module ``script`` imports, transitively, leaving out
+    the modules in ``exclude`` (and what only they import)."""
     pending = _imported_modules(_parse(Path(script))[1], "__script__", False)
     modules: dict[str, Path] = {}
     while pending:
         name = pending.pop()
-        if name in modules:
+        if name in modules or name in exclude:
             continue
         path = _module_file(package_dir, name)
         if path is None:
@@ -118,11 +119,27 @@ def _code_digest(path: Path) -> str:
     return _parse(path)[0]
 
 
+def module_closure(module: str, package_dir: str | Path) -> set[str]:
+    """``module`` and every package module it imports, transitively."""
+    path = _module_file(Path(package_dir), module)
+    if path is None:
+        return set()
+    return {module, *package_modules(path, Path(package_dir))}
+
+
+def plugin_exclusions(own: str, plugins, package_dir: str | Path) -> frozenset[str]:
+    """The plugin modules (e.g. the attack modules a package discovers) that are not ``own``'s
+    code: all of ``plugins`` except ``own`` and what it imports. A job that runs one plugin
+    is then fingerprinted without the others (``code_fingerprint(..., exclude=...)``)."""
+    return frozenset(set(plugins) - module_closure(own, package_dir))
+
+
 @lru_cache(maxsize=None)
-def code_fingerprint(script: str | Path, package_dir: str | Path) -> str:
-    """sha256 (16 hex digits) of the script's code and of each package module it runs."""
+def code_fingerprint(script: str | Path, package_dir: str | Path, exclude: frozenset[str] = frozenset()) -> str:
+    """sha256 (16 hex digits) of the script's code and of each package module it runs, leaving
+    out the modules in ``exclude`` (see :func:`plugin_exclusions`)."""
     script, package_dir = Path(script), Path(package_dir)
     parts = [f"script:{_code_digest(script)}"]
-    for name, path in sorted(package_modules(script, package_dir).items()):
+    for name, path in sorted(package_modules(script, package_dir, frozenset(exclude)).items()):
         parts.append(f"{name}:{_code_digest(path)}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]

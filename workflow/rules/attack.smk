@@ -19,7 +19,7 @@ rule attack:
         runtime=job_resource("attack", "runtime", 30),
         mem_mb=job_resource("attack", "mem_mb", 4000),
     params:
-        code=code_version("attack.py"),
+        code=attack_code_version,
         job=attack_params,
     script:
         "../scripts/attack.py"

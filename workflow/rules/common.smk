@@ -15,7 +15,7 @@ from advalign.io import PipelineError
 from advalign.columns import CONFLICT_ARRAYS
 from advalign.stimulus_file import check_stimulus_file_cached
 from advalign.zoo import derived_spec, load_zoo
-from advalign.attacks import attack_names, get_attack
+from advalign.attacks import attack_names, get_attack, registered_attacks
 from advalign.figure_registry import figure_names
 
 try:
@@ -64,7 +64,7 @@ wildcard_constraints:
     attack="|".join(attack_names()),
 
 
-def code_version(script):
+def code_version(script, exclude=frozenset()):
     """Fingerprint of a workflow script and the advalign modules it runs (advalign.provenance):
     passed as a parameter, so editing a module reruns exactly the jobs whose code it is.
     """
@@ -72,8 +72,21 @@ def code_version(script):
 
     base = Path(workflow.basedir)
     return code_fingerprint(
-        str(base / "workflow" / "scripts" / script), str(base / "src" / "advalign")
+        str(base / "workflow" / "scripts" / script),
+        str(base / "src" / "advalign"),
+        frozenset(exclude),
     )
+
+
+def attack_code_version(wildcards):
+    """The attack job's fingerprint counts its own attack's module, not the other attacks':
+    editing cw.py reruns the CW jobs, not the PGD ones."""
+    from advalign.provenance import plugin_exclusions
+
+    package = Path(workflow.basedir) / "src" / "advalign"
+    own = get_attack(wildcards.attack).module
+    others = plugin_exclusions(own, {a.module for a in registered_attacks()}, package)
+    return code_version("attack.py", others)
 
 
 def model_row(model):

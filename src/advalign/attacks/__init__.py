@@ -20,8 +20,8 @@ import pkgutil
 from .cw import CWConfig, carlini_wagner_l2
 from .function import PRECISIONS, AttackedFunction, batches
 from .job import check_job, job_hash, load_stimuli, run_attack_job
-from .pgd import PGDConfig, image_key, minimal_epsilon_search, pgd_attack, pgd_step, project_l2, project_linf
-from .registry import Attack, AttackResult, attack_names, get_attack, register_attack, registered_attacks
+from .pgd import PGDConfig, minimal_epsilon_search, pgd_attack, pgd_step, project_l2, project_linf
+from .registry import Attack, AttackResult, attack_names, get_attack, image_key, register_attack, registered_attacks
 from .store import ChunkStore, chunk_dir_for
 
 # Read by advalign.provenance: this package imports all of its modules at run time.

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..config import schema_defaults
+from ..schema import schema_defaults
 from ..io import PipelineError
 from .function import AttackedFunction, batches, per_image
 from .registry import Attack, AttackResult, register_attack

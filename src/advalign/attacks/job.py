@@ -25,8 +25,7 @@ from ..metrics import adversarial_alignment
 from ..stimulus_file import load_stimulus_file
 from ..transforms import model_view
 from .function import PRECISIONS, AttackedFunction, batches
-from .pgd import image_key
-from .registry import attack_names, get_attack
+from .registry import attack_names, get_attack, image_key
 from .store import CHUNK_FORMAT, ChunkStore
 
 log = logging.getLogger(__name__)

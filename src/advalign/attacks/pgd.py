@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..config import schema_defaults
+from ..schema import schema_defaults
 from ..io import PipelineError
 from .function import AttackedFunction, batches, per_image
-from .registry import NORMS, Attack, AttackResult, register_attack
+from .registry import NORMS, Attack, AttackResult, image_key, register_attack
 
 STOP_RULES = ("relative", "absolute")
 BRACKETS = ("auto", "full", "linearised", "tree")
@@ -53,7 +53,7 @@ class PGDConfig:
     """One minimal-ε PGD search (the config schema's ``pgd`` block plus the norm)."""
 
     norm: str  # "l2" | "linf"
-    # Defaults are the config schema's (workflow/schemas/config.schema.yaml, $defs/pgd), written
+    # Defaults are the config schema's (advalign/config.schema.yaml, $defs/pgd), written
     # nowhere else; eps_max None takes the norm's own block default (pgd_linf: 1.0, pgd_l2: 10).
     eps_min: float = _SHARED["eps_min"]
     eps_max: float | None = None
@@ -189,12 +189,6 @@ def trial_seed(key: int, trial: int) -> int:
     an image gets the same start whatever batch or chunk it is processed in.
     """
     digest = hashlib.sha256(f"advalign-pgd-start:{int(key)}:{int(trial)}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def image_key(seed: int, attack: str, index: int) -> int:
-    """The key an image's random starts derive from: (config seed, attack, stimulus index)."""
-    digest = hashlib.sha256(f"advalign-image:{int(seed)}:{attack}:{int(index)}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
 

@@ -17,13 +17,15 @@ which models and images it is run on. The package imports every module in it
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
-from typing import Any, Callable
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..io import PipelineError
+
+if TYPE_CHECKING:  # planning reads the registry without importing torch
+    import numpy as np
+    import torch
 
 NORMS = ("l2", "linf")
 KINDS = ("minimal_epsilon", "minimal_norm")
@@ -74,6 +76,12 @@ class Attack:
             raise ValueError(f"attack {self.name!r}: kind {self.kind!r} is not one of {KINDS}")
 
     @property
+    def module(self) -> str:
+        """The package module that implements it (where ``run`` is defined): the code of its
+        jobs, beside the job's own (``advalign.provenance``)."""
+        return self.run.__module__
+
+    @property
     def tolerance_column(self) -> str:
         """The per-image distance its tolerance averages (the attack table's l2 or linf)."""
         return self.norm
@@ -115,3 +123,9 @@ def get_attack(name: str) -> Attack:
         return _REGISTRY[name]
     except KeyError:
         raise PipelineError(f"attack {name!r} is not one of {', '.join(attack_names())}") from None
+
+
+def image_key(seed: int, attack: str, index: int) -> int:
+    """The key an image's random starts derive from: (config seed, attack, stimulus index)."""
+    digest = hashlib.sha256(f"advalign-image:{int(seed)}:{attack}:{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
