@@ -43,6 +43,10 @@ code fingerprint (advalign.provenance) does not grow by importing it.
 """
 
 SPLITS = ("train", "heldout", "stimuli")
+# The attack whose per-model tolerance and alignment are the paper's measures: Figs. 2-5, S1-S2,
+# Table S2, and the claims' tests (Fig. S3 and the CW comparison name their second attack).
+MAIN_ATTACK = "pgd_l2"
+
 ARCH_CLASSES = ("CNN", "ViT", "hybrid")
 TRAINING_KINDS = ("standard", "harmonized", "control", "robust")
 

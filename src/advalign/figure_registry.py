@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .columns import MAIN_ATTACK
+
 KINDS = ("scatter", "qualitative", "distribution")
 REPORT_DIR = "workflow/report"  # captions: {REPORT_DIR}/{id}.rst
 
@@ -52,7 +54,7 @@ class QualitativeSpec:
 
     models: str
     image_offset: int = 0
-    attack: str = "pgd_l2"
+    attack: str = MAIN_ATTACK
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ class DistributionSpec:
     per entry of ``values`` = ((column, label), ...), by architecture class and training kind."""
 
     values: tuple[tuple[str, str], ...]
-    attack: str = "pgd_l2"
+    attack: str = MAIN_ATTACK
 
 
 SPECS = {"scatter": ScatterSpec, "qualitative": QualitativeSpec, "distribution": DistributionSpec}
@@ -132,17 +134,17 @@ def _scatter(fig, title, x, y, models, test_set, **flags):
 
 _scatter(
     "fig2", r"Fig. 2: accuracy vs $\ell_2$-PGD perturbation tolerance",
-    Axis("pgd_l2", "accuracy", None, "accuracy"), Axis("pgd_l2", "tolerance", "tolerance_se", L2_TOL),
+    Axis(MAIN_ATTACK, "accuracy", None, "accuracy"), Axis(MAIN_ATTACK, "tolerance", "tolerance_se", L2_TOL),
     "all", "standard", arrows=True, regression=True,
 )  # fmt: skip
 _scatter(
     "fig3", r"Fig. 3: accuracy vs adversarial alignment ($\ell_2$ PGD)",
-    Axis("pgd_l2", "accuracy", None, "accuracy"), Axis("pgd_l2", "alignment", "alignment_se", ALIGNMENT),
+    Axis(MAIN_ATTACK, "accuracy", None, "accuracy"), Axis(MAIN_ATTACK, "alignment", "alignment_se", ALIGNMENT),
     "all", "standard", arrows=True, regression=True,
 )  # fmt: skip
 _scatter(
     "fig4", r"Fig. 4: adversarial alignment vs $\ell_2$ perturbation tolerance",
-    Axis("pgd_l2", "alignment", "alignment_se", ALIGNMENT), Axis("pgd_l2", "tolerance", "tolerance_se", L2_TOL),
+    Axis(MAIN_ATTACK, "alignment", "alignment_se", ALIGNMENT), Axis(MAIN_ATTACK, "tolerance", "tolerance_se", L2_TOL),
     "all", "standard", arrows=True, pareto=True, regression=True,
 )  # fmt: skip
 register_figure(Figure("fig5", "qualitative", r"Fig. 5: $\ell_2$-PGD perturbations for a variety of models",
@@ -159,13 +161,13 @@ _scatter(
 )  # fmt: skip
 _scatter(
     "figS4", r"Fig. S4: Carlini-Wagner vs PGD $\ell_2$ perturbation tolerance",
-    Axis("pgd_l2", "tolerance", "tolerance_se", r"$\ell_2$-PGD tolerance (mean $\ell_2$, pixels in [0, 1])"),
+    Axis(MAIN_ATTACK, "tolerance", "tolerance_se", r"$\ell_2$-PGD tolerance (mean $\ell_2$, pixels in [0, 1])"),
     Axis("cw_l2", "tolerance", "tolerance_se", r"$\ell_2$ CW tolerance (mean $\ell_2$, pixels in [0, 1])"),
     "both", "plotted", identity=True,
 )  # fmt: skip
 _scatter(
     "figS5", "Fig. S5: Carlini-Wagner vs PGD adversarial alignment",
-    Axis("pgd_l2", "alignment", "alignment_se", r"$\ell_2$-PGD alignment (Spearman $\rho_s$)"),
+    Axis(MAIN_ATTACK, "alignment", "alignment_se", r"$\ell_2$-PGD alignment (Spearman $\rho_s$)"),
     Axis("cw_l2", "alignment", "alignment_se", r"$\ell_2$ CW alignment (Spearman $\rho_s$)"),
     "both", "plotted", identity=True,
 )  # fmt: skip
@@ -173,7 +175,7 @@ _scatter(
 # not enabled by default, and the figure says so until it is).
 _scatter(
     "figM1", r"Minimal-norm check: FMN vs 3-step PGD $\ell_2$ tolerance",
-    Axis("pgd_l2", "tolerance", "tolerance_se", r"$\ell_2$-PGD tolerance (mean $\ell_2$, pixels in [0, 1])"),
+    Axis(MAIN_ATTACK, "tolerance", "tolerance_se", r"$\ell_2$-PGD tolerance (mean $\ell_2$, pixels in [0, 1])"),
     Axis("fmn_l2", "tolerance", "tolerance_se", r"FMN $\ell_2$ tolerance (mean $\ell_2$, pixels in [0, 1])"),
     "both", "plotted", identity=True,
 )  # fmt: skip
@@ -181,9 +183,9 @@ _scatter(
 # reliance on the human-marked part is measured directly (advalign.reliance).
 _scatter(
     "figV1", "Validation: adversarial alignment vs measured reliance on the human-marked part",
-    Axis("pgd_l2", "part_reliance", None,
+    Axis(MAIN_ATTACK, "part_reliance", None,
          "Measured part reliance\n(cue-conflict decisions that follow the part, fraction)"),
-    Axis("pgd_l2", "alignment", "alignment_se", ALIGNMENT),
+    Axis(MAIN_ATTACK, "alignment", "alignment_se", ALIGNMENT),
     "all", "plotted", arrows=True, regression=True,
     unavailable="cue reliance is measured on the synthetic benchmark only (its cue-conflict set)",
 )  # fmt: skip

@@ -29,7 +29,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from .columns import ARCH_CLASSES, CLASS_COLUMNS, EXAMPLE_ARRAYS  # noqa: E402
+from .columns import ARCH_CLASSES, CLASS_COLUMNS, EXAMPLE_ARRAYS, MAIN_ATTACK  # noqa: E402
 from .figure_registry import ScatterSpec, get_figure  # noqa: E402
 from .io import PipelineError, atomic_path, require_file  # noqa: E402
 from .metrics import perturbation_map  # noqa: E402
@@ -381,7 +381,7 @@ def _legend_handles(data, style, arrows: int, spec: ScatterSpec, regression: boo
 # --------------------------------------------------------------------------- qualitative grids
 
 
-def _examples_index(example_paths, attack: str = "pgd_l2") -> dict[str, Path]:
+def _examples_index(example_paths, attack: str = MAIN_ATTACK) -> dict[str, Path]:
     """model -> example NPZ path, for one attack's examples (``{attack}/{model}.npz``)."""
     index = {}
     for raw in example_paths:
@@ -499,7 +499,7 @@ def _image_labels(attack_paths, models, classes: pd.DataFrame) -> tuple[pd.DataF
     if missing:
         raise PipelineError(f"classes: missing column(s) {', '.join(missing)}")
     classes = classes.assign(animate=_as_bool(classes["animate"])).set_index("class_index")
-    by_model = {Path(p).stem: p for p in attack_paths if Path(p).parent.name == "pgd_l2"}
+    by_model = {Path(p).stem: p for p in attack_paths if Path(p).parent.name == MAIN_ATTACK}
     per_image, labels = {}, None
     for model in models:
         if model not in by_model:

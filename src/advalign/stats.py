@@ -43,6 +43,7 @@ from scipy import stats as sps
 
 from .columns import (
     ARCH_CLASSES,
+    MAIN_ATTACK,
     ATTACK_COLUMNS,
     HUMAN_IN_MODEL_TABLE,
     MODEL_ATTACK_COLUMNS,
@@ -496,9 +497,9 @@ STANDARD_SET = "standard models (the published zoo; harmonized, control and robu
 
 
 def _zoo_trend_tests(table) -> list[dict]:
-    accuracy = scores(table, "pgd_l2", "accuracy", "standard")
-    tol_l2 = scores(table, "pgd_l2", "tolerance", "standard")
-    align = scores(table, "pgd_l2", "alignment", "standard")
+    accuracy = scores(table, MAIN_ATTACK, "accuracy", "standard")
+    tol_l2 = scores(table, MAIN_ATTACK, "tolerance", "standard")
+    align = scores(table, MAIN_ATTACK, "alignment", "standard")
     tol_linf = scores(table, "pgd_linf", "tolerance", "standard")
     acc_linf = scores(table, "pgd_linf", "accuracy", "standard")
     l2_label = "l2-PGD tolerance (mean l2, [0,1] pixels)"
@@ -522,7 +523,7 @@ def _zoo_trend_tests(table) -> list[dict]:
 
 
 def _vit_vs_cnn_tests(table) -> list[dict]:
-    rows = table[(table["attack"] == "pgd_l2") & (table["training"] == "standard")].set_index("model")
+    rows = table[(table["attack"] == MAIN_ATTACK) & (table["training"] == "standard")].set_index("model")
     vit, cnn = rows[rows["arch_class"] == "ViT"], rows[rows["arch_class"] == "CNN"]
     model_set = "standard ViTs (first) vs standard CNNs (second); hybrids excluded; l2 PGD"
     tests = []
@@ -536,7 +537,7 @@ def _vit_vs_cnn_tests(table) -> list[dict]:
 
 def most_aligned_unharmonized(table) -> str | None:
     """The non-harmonized model (any other training kind) with the highest mean l2-PGD alignment."""
-    candidates = scores(table, "pgd_l2", "alignment", ("standard", "control", "robust")).dropna()
+    candidates = scores(table, MAIN_ATTACK, "alignment", ("standard", "control", "robust")).dropna()
     if candidates.empty:
         return None
     best = candidates.max()
@@ -545,7 +546,7 @@ def most_aligned_unharmonized(table) -> str | None:
 
 def _harmonized_vs_best_test(table, images: _PerImage) -> dict:
     name = "paired_harmonized_vs_most_aligned_unharmonized"
-    harmonized = [m for m in scores(table, "pgd_l2", "alignment", "harmonized").index if images.has("pgd_l2", m)]
+    harmonized = [m for m in scores(table, MAIN_ATTACK, "alignment", "harmonized").index if images.has(MAIN_ATTACK, m)]
     best = most_aligned_unharmonized(table)
     detail = {
         "model_set": "per image: mean l2-PGD alignment over the harmonized models that attacked it successfully "
@@ -553,14 +554,14 @@ def _harmonized_vs_best_test(table, images: _PerImage) -> dict:
         "harmonized_models": sorted(harmonized),
         "comparison_model": best,
     }
-    if not harmonized or best is None or not images.has("pgd_l2", best):
+    if not harmonized or best is None or not images.has(MAIN_ATTACK, best):
         return _result(name, "paired_t", reason="needs harmonized models and an unharmonized model with l2-PGD tables",
                        **detail)
-    per_model = pd.concat({m: images.successful("pgd_l2", m, "alignment") for m in harmonized}, axis=1)
+    per_model = pd.concat({m: images.successful(MAIN_ATTACK, m, "alignment") for m in harmonized}, axis=1)
     detail["n_images_every_harmonized_model_defined"] = int(per_model.notna().all(axis=1).sum())
     harmonized_mean = per_model.mean(axis=1, skipna=True)
-    best_alignment = images.successful("pgd_l2", best, "alignment")
-    detail["comparison_model_alignment"] = float(scores(table, "pgd_l2", "alignment")[best])
+    best_alignment = images.successful(MAIN_ATTACK, best, "alignment")
+    detail["comparison_model_alignment"] = float(scores(table, MAIN_ATTACK, "alignment")[best])
     return paired_test(name, harmonized_mean, best_alignment, "images", **detail)
 
 
@@ -568,11 +569,11 @@ def _cw_tests(table) -> list[dict]:
     model_set = "models with both a CW-l2 and an l2-PGD table (the CW subset)"
     return [
         spearman_test(
-            "rho_cw_pgd_tolerance", scores(table, "cw_l2", "tolerance"), scores(table, "pgd_l2", "tolerance"),
+            "rho_cw_pgd_tolerance", scores(table, "cw_l2", "tolerance"), scores(table, MAIN_ATTACK, "tolerance"),
             model_set, "CW-l2 tolerance (mean l2)", "l2-PGD tolerance (mean l2)",
         ),
         spearman_test(
-            "rho_cw_pgd_alignment", scores(table, "cw_l2", "alignment"), scores(table, "pgd_l2", "alignment"),
+            "rho_cw_pgd_alignment", scores(table, "cw_l2", "alignment"), scores(table, MAIN_ATTACK, "alignment"),
             model_set, "CW-l2 alignment (rho_s)", "l2-PGD alignment (rho_s)",
         ),
     ]
@@ -584,7 +585,7 @@ def derived_pairs(table, kind: str, reference: str = "base") -> list[tuple[str, 
     reference 'base' pairs each ``kind`` model with its base model; 'control'
     pairs it with the control model(s) fine-tuned from the same base.
     """
-    rows = table[table["attack"] == "pgd_l2"]
+    rows = table[table["attack"] == MAIN_ATTACK]
     present = set(rows["model"])
     pairs = []
     for _, row in rows[rows["training"] == kind].iterrows():
@@ -605,7 +606,7 @@ def _derived_tests(table, images: _PerImage) -> list[dict]:
         prefix = f"{kind}_vs_{reference}"
         for score, column in (("tolerance", "l2"), ("alignment", "alignment")):
             # Across pairs: do the models of this kind move the model-level score?
-            model_scores = scores(table, "pgd_l2", "tolerance" if score == "tolerance" else "alignment")
+            model_scores = scores(table, MAIN_ATTACK, "tolerance" if score == "tolerance" else "alignment")
             first = pd.Series({f"{d}|{r}": model_scores[d] for d, r in pairs}, dtype=float)
             second = pd.Series({f"{d}|{r}": model_scores[r] for d, r in pairs}, dtype=float)
             tests.append(
@@ -617,13 +618,13 @@ def _derived_tests(table, images: _PerImage) -> list[dict]:
             )
             # Per pair, over the images both models were fooled on.
             for derived, ref in pairs:
-                if not (images.has("pgd_l2", derived) and images.has("pgd_l2", ref)):
+                if not (images.has(MAIN_ATTACK, derived) and images.has(MAIN_ATTACK, ref)):
                     continue
                 tests.append(
                     paired_test(
                         f"{prefix}_{score}:{derived}",
-                        images.successful("pgd_l2", derived, column),
-                        images.successful("pgd_l2", ref, column),
+                        images.successful(MAIN_ATTACK, derived, column),
+                        images.successful(MAIN_ATTACK, ref, column),
                         "images",
                         model_set=f"images both {derived} (first) and {ref} (second) were fooled on; l2 PGD",
                     )
@@ -633,7 +634,7 @@ def _derived_tests(table, images: _PerImage) -> list[dict]:
 
 def _descriptive_tests(table) -> list[dict]:
     tests = []
-    rows = table[table["attack"] == "pgd_l2"]
+    rows = table[table["attack"] == MAIN_ATTACK]
     attacked = int(rows["n_attacked"].sum())
     failures = {m: int(f) for m, f in zip(rows["model"], rows["n_failed"]) if f > 0}
     detail = {
@@ -678,17 +679,17 @@ def _validation_tests(table) -> list[dict]:
             _result("rho_alignment_part_reliance", "spearman", reason=reason, model_set=RELIANCE_SET),
             _result("rho_accuracy_part_reliance", "spearman", reason=reason, model_set=STANDARD_SET),
         ]
-    reliance = scores(table, "pgd_l2", "part_reliance")
+    reliance = scores(table, MAIN_ATTACK, "part_reliance")
     tests = [
-        spearman_test("rho_alignment_part_reliance", reliance, scores(table, "pgd_l2", "alignment"), RELIANCE_SET,
+        spearman_test("rho_alignment_part_reliance", reliance, scores(table, MAIN_ATTACK, "alignment"), RELIANCE_SET,
                       reliance_label, align_label),
-        spearman_test("rho_accuracy_part_reliance", scores(table, "pgd_l2", "accuracy", "standard"),
-                      scores(table, "pgd_l2", "part_reliance", "standard"), STANDARD_SET, "accuracy (%)",
+        spearman_test("rho_accuracy_part_reliance", scores(table, MAIN_ATTACK, "accuracy", "standard"),
+                      scores(table, MAIN_ATTACK, "part_reliance", "standard"), STANDARD_SET, "accuracy (%)",
                       reliance_label),
     ]  # fmt: skip
     if not table["human_alignment"].isna().all():
         tests.append(spearman_test("rho_human_alignment_part_reliance", reliance,
-                                   scores(table, "pgd_l2", "human_alignment"), RELIANCE_SET, reliance_label,
+                                   scores(table, MAIN_ATTACK, "human_alignment"), RELIANCE_SET, reliance_label,
                                    HUMAN_LABEL))  # fmt: skip
     return tests
 
@@ -703,8 +704,8 @@ def _human_alignment_tests(table) -> list[dict]:
     if table["human_alignment"].isna().all():
         return [_result("rho_human_alignment_adversarial_alignment", "spearman", model_set=HUMAN_SET,
                         reason="no human feature alignment in the model table")]  # fmt: skip
-    return [spearman_test("rho_human_alignment_adversarial_alignment", scores(table, "pgd_l2", "human_alignment"),
-                          scores(table, "pgd_l2", "alignment"), HUMAN_SET, HUMAN_LABEL,
+    return [spearman_test("rho_human_alignment_adversarial_alignment", scores(table, MAIN_ATTACK, "human_alignment"),
+                          scores(table, MAIN_ATTACK, "alignment"), HUMAN_SET, HUMAN_LABEL,
                           "l2-PGD alignment (mean Spearman rho)")]  # fmt: skip
 
 

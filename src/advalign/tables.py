@@ -13,7 +13,7 @@ import re
 import numpy as np
 import pandas as pd
 
-from .columns import ARCH_CLASSES, CLAIM_COLUMNS, TABLE_S1_COLUMNS, TABLE_S2_COLUMNS
+from .columns import ARCH_CLASSES, CLAIM_COLUMNS, MAIN_ATTACK, TABLE_S1_COLUMNS, TABLE_S2_COLUMNS
 from .io import PipelineError, atomic_path, write_table
 from .stats import derived_pairs, prepare_table, scores
 
@@ -88,7 +88,7 @@ def table_s2(model_table: pd.DataFrame, released: bool = False) -> pd.DataFrame:
     """
     table = prepare_table(model_table)
     models = table.drop_duplicates("model").set_index("model")
-    alignment = scores(table, "pgd_l2", "alignment")
+    alignment = scores(table, MAIN_ATTACK, "alignment")
     human = models["human_alignment"]
     harmonized = models[models["training"] == "harmonized"]
     controls = models[models["training"] == "control"]
@@ -275,7 +275,7 @@ def _descriptive_claims(tests_by_name: dict) -> list[dict]:
 def _count_claims(table: pd.DataFrame) -> list[dict]:
     models = table.drop_duplicates("model")
     standard = models[models["training"] == "standard"]
-    pgd = table[table["attack"] == "pgd_l2"]
+    pgd = table[table["attack"] == MAIN_ATTACK]
     cw = table[table["attack"] == "cw_l2"]
     recomputed = {
         "models": (len(models), "distinct models with any attack table"),
@@ -307,7 +307,7 @@ def _count_claims(table: pd.DataFrame) -> list[dict]:
 def _model_claims(table: pd.DataFrame) -> list[dict]:
     """Claims about named models, located by role (most accurate, shared base) or by id pattern."""
     rows = []
-    pgd = table[table["attack"] == "pgd_l2"].set_index("model")
+    pgd = table[table["attack"] == MAIN_ATTACK].set_index("model")
     standard = pgd[pgd["training"] == "standard"].dropna(subset=["accuracy"])
     robust = pgd[pgd["training"] == "robust"]
     if standard.empty:
