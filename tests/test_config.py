@@ -121,9 +121,9 @@ BAD_OVERLAYS = {
     "wrong type": ({"attacks": {"overrides": {"resnet_demo": {"pgd_l2": {"steps": "five"}}}}},
                    "attacks.overrides.resnet_demo.pgd_l2.steps: 'five' is not of type 'integer'"),
     "unordered bounds": ({"attacks": {"pgd_l2": {"eps_min": 20.0}}},
-                         "attacks.pgd_l2: PGD bounds need 0 < eps_min < eps_max, got 20.0 and 10.0"),
+                         "attacks.pgd_l2: search bounds need 0 < eps_min < eps_max, got 20.0 and 10.0"),
     "unordered override": ({"attacks": {"overrides": {"vit_demo": {"pgd_linf": {"eps_max": 1e-7}}}}},
-                           "attacks.overrides.vit_demo.pgd_linf: PGD bounds need 0 < eps_min < eps_max"),
+                           "attacks.overrides.vit_demo.pgd_linf: search bounds need 0 < eps_min < eps_max"),
     # Everything the config names is used, or refused: nothing is silently ignored.
     "style of a figure that does not exist": (
         {"figures": {"style": {"fig_2": {"font_size": 3}}}},
@@ -219,3 +219,14 @@ def test_a_killed_demo_attack_resumes_part_way():
     synthetic, attacks = config["data"]["synthetic"], config["attacks"]
     stimuli = synthetic["n_classes"] * synthetic["stimuli_per_class"]
     assert attacks["chunk_size"] * 2 <= stimuli and attacks["chunk_size"] < attacks["cw_l2"]["n_images"]
+
+
+def test_a_partly_written_block_keeps_its_own_defaults():
+    """pgd_linf's own default bound (1.0) holds when its block sets other keys only."""
+    from advalign.attacks import get_attack
+
+    config = validate_config({"data": {"kind": "synthetic"}, "zoo": {"table": "x.csv"},
+                              "attacks": {"pgd_linf": {"steps": 5}}})  # fmt: skip
+    assert config["attacks"]["pgd_linf"]["eps_max"] == 1.0 and config["attacks"]["pgd_linf"]["steps"] == 5
+    assert config["attacks"]["pgd_l2"]["eps_max"] == 10.0
+    assert get_attack("pgd_linf").config(config["attacks"]["pgd_linf"]).eps_max == 1.0

@@ -88,6 +88,44 @@ register_attack(
 )
 '''
 
+TOY_FIXED_EPSILON = '''"""A toy fixed-ε attack (registry test): one normalised gradient step of length ε (FGM-ℓ2),
+searched over ε by the minimal-ε search like PGD."""
+
+from dataclasses import dataclass
+
+import torch
+
+from .function import per_image
+from .registry import register_attack
+from .search import minimal_epsilon_attack
+
+
+@dataclass(frozen=True)
+class GradientStep:
+    scale: float
+    norm: str = "l2"
+    first_step_at_x: bool = True
+
+    def __call__(self, fn, x, y, eps, *, keys, trials, clean_grad=None):
+        grad = fn.loss_gradient(x, y) if clean_grad is None else clean_grad
+        unit = grad / per_image(grad.flatten(1).norm(dim=1).clamp_min(1e-12))
+        radius = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
+        adv = (x + self.scale * per_image(radius) * unit).clamp(0, 1)
+        with torch.no_grad():
+            return adv, fn.logits(adv), 0 if clean_grad is not None else 1
+
+
+register_attack(
+    minimal_epsilon_attack(
+        "toy_step_l2", "l2", "toy step", "none: a registry test",
+        make_attack=lambda block: GradientStep(**block),
+        attack_schema={"type": "object", "properties": {"scale": {"type": "number", "default": 1.0}}},
+        search_defaults={"eps_max": 4.0},
+        enabled_by_default=False,
+    )
+)
+'''
+
 TOY_FIGURE = '''
 
 register_figure(Figure("figToy", "scatter", "Toy: l2 vs l_inf PGD tolerance",
@@ -103,6 +141,7 @@ from planned_params import planned_params
 jobs = {rule: planned_params(rule, ["config/config.yaml", "toy.yaml"], ["all"])
         for rule in ("attack", "figure_figToy")}
 print(json.dumps({rule: sorted(found) for rule, found in jobs.items()}))
+print(json.dumps(jobs["attack"]["attack=toy_step_l2,model=resnet_demo"], default=str))
 print(json.dumps(jobs["attack"]["attack=toy_l2,model=resnet_demo"], default=str))
 """
 
@@ -131,27 +170,35 @@ def test_the_paper_attacks_and_figures_come_from_the_registries():
 def test_a_new_attack_and_a_new_figure_cost_one_file_each_plus_config(tmp_path):
     work = copy_repo(tmp_path / "repo")
     (work / "src/advalign/attacks/toy_l2.py").write_text(TOY_ATTACK)
+    (work / "src/advalign/attacks/toy_step.py").write_text(TOY_FIXED_EPSILON)
     with open(work / "src/advalign/figure_registry.py", "a") as fh:
         fh.write(TOY_FIGURE)
     (work / REPORT_DIR / "figToy.rst").write_text("A toy scatter of the two PGD tolerances.\n")
-    (work / "toy.yaml").write_text(json.dumps({"attacks": {"enabled": ["pgd_l2", "pgd_linf", "cw_l2", "toy_l2"],
-                                                          "toy_l2": {"radii": 6}}}))  # fmt: skip
+    (work / "toy.yaml").write_text(json.dumps({"attacks": {"enabled": ["pgd_l2", "pgd_linf", "cw_l2", "toy_l2",
+                                                                       "toy_step_l2"],
+                                                          "toy_l2": {"radii": 6}, "toy_step_l2": {"precision": 0.02}}}))  # fmt: skip
     # The copy's own package, not the installed one.
     env = {**os.environ, "PYTHONPATH": str(work / "src")}
     proc = subprocess.run([sys.executable, "-c", PLAN], cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    planned, toy_job = (json.loads(line) for line in proc.stdout.strip().splitlines()[-2:])
+    planned, step_job, toy_job = (json.loads(line) for line in proc.stdout.strip().splitlines()[-3:])
     models = [line.split(",")[0] for line in (work / "config/zoo_demo.csv").read_text().splitlines()[1:]
               if line and not line.startswith("#")]  # fmt: skip
     toy_jobs = [j for j in planned["attack"] if j.startswith("attack=toy_l2,")]
     assert len(toy_jobs) >= len(models) > 0  # every base model (and the derived ones) is attacked
     assert planned["figure_figToy"] == [""]
     assert toy_job["job"]["spec"] == {"radii": 6, "largest": 4.0}  # the attack's schema filled the default
+    # A fixed-ε attack gets the minimal-ε search: the search's keys and defaults, its own on top.
+    assert len([j for j in planned["attack"] if j.startswith("attack=toy_step_l2,")]) == len(toy_jobs)
+    assert step_job["job"]["spec"] == {"eps_min": 1e-6, "eps_max": 4.0, "stop": "relative", "precision": 0.02,
+                                       "threshold": 0.001, "bracket": "auto", "verify": 0.03, "scale": 1.0}
+    # Each attack job's fingerprint counts its own attack's file, not the other attacks'.
+    assert step_job["code"] != toy_job["code"]
     # The attack rule's code fingerprint covers the new file (editing it reruns the attacks).
     from advalign.provenance import package_modules
 
     modules = package_modules(work / "workflow/scripts/attack.py", work / "src/advalign")
-    assert "advalign.attacks.toy_l2" in modules
+    assert {"advalign.attacks.toy_l2", "advalign.attacks.toy_step"} <= set(modules)
 
     # The toy block is validated against the schema the attack declared, while planning.
     (work / "toy.yaml").write_text(json.dumps({"attacks": {"enabled": ["toy_l2"], "toy_l2": {"radii": 1}}}))

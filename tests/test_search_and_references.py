@@ -1,4 +1,5 @@
-"""The cheaper searches (tree, linearised: same trial, fewer passes) and the adv_lib minimal-norm references."""
+"""The tree search (the full-range search's trials, fewer passes), the search over any fixed-ε attack, and
+the adv_lib minimal-norm references."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import torch
 from attack_helpers import coloured_squares, to_tensor, trained_model
 
 from advalign.attacks import AttackedFunction, PGDConfig, get_attack, minimal_epsilon_search
-from advalign.attacks.pgd import margins, pgd_attack
+from advalign.attacks.pgd import pgd_attack
+from advalign.attacks.search import SearchConfig, margins, minimal_epsilon
 from advalign.attacks.references import REFERENCES
 from advalign.io import PipelineError
 
@@ -28,9 +30,8 @@ def images(fn):
     return x[correct][:32].contiguous(), y[correct][:32]
 
 
-@pytest.mark.parametrize("bracket", ["tree", "linearised"])
 @pytest.mark.parametrize("norm", ["l2", "linf"])
-def test_cheaper_searches_keep_algorithm_1_and_spend_fewer_passes(fn, images, norm, bracket):
+def test_the_tree_search_keeps_algorithm_1_and_spends_fewer_passes(fn, images, norm, bracket="tree"):
     x, y = images
     eps_max = 10.0 if norm == "l2" else 1.0
     full = minimal_epsilon_search(fn, x, y, PGDConfig(norm=norm, eps_max=eps_max, bracket="full"))
@@ -54,8 +55,8 @@ def test_cheaper_searches_keep_algorithm_1_and_spend_fewer_passes(fn, images, no
     assert lin.grad_evals.mean() <= 0.7 * full.grad_evals.mean()
     agree = np.abs(lin.epsilon / full.epsilon - 1) <= 0.0102
     assert agree.mean() >= 0.9
-    if bracket == "tree":  # the full-range search's own trials near the answer: the same ε, not a near one
-        assert (lin.epsilon == full.epsilon).mean() >= 0.9
+    # The full-range search's own trials near the answer: the same ε, not a near one.
+    assert (lin.epsilon == full.epsilon).mean() >= 0.9
 
 
 @pytest.mark.parametrize("random_start", [False, True])
@@ -89,8 +90,7 @@ def test_tree_search_is_the_same_in_any_batch(fn, images):
     np.testing.assert_array_equal(whole.trials, pieces.trials)
 
 
-@pytest.mark.parametrize("bracket", ["tree", "linearised"])
-def test_cheaper_searches_record_failures_and_censored_images(fn, images, bracket):
+def test_the_tree_search_records_failures_and_censored_images(fn, images, bracket="tree"):
     x, y = images
     tight = minimal_epsilon_search(fn, x, y, PGDConfig(norm="l2", eps_max=0.05, bracket=bracket))
     assert not tight.success.any() and np.isnan(tight.epsilon).all()  # nothing fools below 0.05
@@ -157,3 +157,45 @@ def test_benchmark_photo_views_are_photos_mirrors_then_seeded_crops():
     np.testing.assert_array_equal(again_heat, heat)
     assert not np.array_equal(photo_views(photos, maps, 20, seed=1)[0][6:], crops)
     np.testing.assert_array_equal(photo_views(photos, maps, 4)[0], images[:4])  # fewer views: a prefix
+
+
+class GradientStep:
+    """A toy fixed-ε attack (one normalised gradient step of length ε, torchattacks' FGM-ℓ2 kind):
+    the minimal-ε search wraps it as it wraps PGD."""
+
+    norm = "l2"
+    first_step_at_x = True
+
+    def __call__(self, fn, x, y, eps, *, keys, trials, clean_grad=None):
+        grad = fn.loss_gradient(x, y) if clean_grad is None else clean_grad
+        unit = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None, None]
+        adv = x + torch.as_tensor(eps, dtype=x.dtype)[:, None, None, None] * unit
+        with torch.no_grad():
+            return adv, fn.logits(adv), 0 if clean_grad is not None else 1
+
+
+@pytest.mark.parametrize("bracket", ["full", "tree"])
+def test_the_search_wraps_any_fixed_epsilon_attack_and_finds_its_analytic_answer(bracket):
+    """Two classes, a linear model, no clamping: one gradient step crosses the boundary exactly at
+    ε* = margin / ‖w_y − w_other‖₂, so the search's ε lies in [ε*, 1.01·ε*] and its lower end below ε*."""
+    torch.manual_seed(0)
+    linear = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2)).double()
+    fn = AttackedFunction(linear, "cpu")
+    x = torch.rand(16, 3, 2, 2, dtype=torch.float64) * 0.2 + 0.4
+    y = fn.predict(x)
+    weight = linear[1].weight.detach()
+    logits = linear(x).detach()
+    direction = weight[y] - weight[1 - y]
+    optimum = ((logits.gather(1, y[:, None])[:, 0] - logits.gather(1, (1 - y)[:, None])[:, 0])
+               / direction.norm(dim=1)).numpy()  # fmt: skip
+    search = SearchConfig(eps_min=1e-6, eps_max=10.0, stop="relative", precision=0.01, threshold=0.001,
+                          bracket=bracket, verify=0.03)  # fmt: skip
+    result = minimal_epsilon(fn, x, y, GradientStep(), search, batch_size=5)
+    assert result.success.all() and not result.censored.any()
+    assert np.all(result.epsilon >= optimum * (1 - 1e-9)) and np.all(result.epsilon <= optimum * 1.0101)
+    assert np.all(result.lower < optimum)
+    assert (fn.predict(x + result.perturbation.double()) != y).all()
+    if bracket == "tree":  # the same answer as the full-range search, in fewer trials
+        full = minimal_epsilon(fn, x, y, GradientStep(), SearchConfig(**{**search.__dict__, "bracket": "full"}))
+        np.testing.assert_array_equal(result.epsilon, full.epsilon)
+        assert result.trials.mean() < full.trials.mean()

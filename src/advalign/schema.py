@@ -48,6 +48,11 @@ def _fill_defaults(value, node: dict, root: dict):
     if node.get("x-no-defaults"):
         return value  # e.g. attacks.overrides: only what the user wrote, checked but not filled
     if isinstance(value, dict) and node.get("type") == "object":
+        # A block's own default (e.g. pgd_linf's eps_max 1.0) fills what a partly written block
+        # leaves out, before its properties' defaults (pgd's eps_max 10).
+        if isinstance(node.get("default"), dict):
+            for key, default in node["default"].items():
+                value.setdefault(key, copy.deepcopy(default))
         for key, sub in node.get("properties", {}).items():
             sub = _resolve(sub, root)
             if key not in value and "default" in sub:

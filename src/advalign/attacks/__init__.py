@@ -2,7 +2,8 @@
 
 One attack per file, each registering itself (``registry.register_attack``):
 
-* ``pgd.py``: minimal-ε PGD, ℓ2 and ℓ∞ (the paper's Algorithm 1, batched);
+* ``pgd.py``: PGD, ℓ2 and ℓ∞, at a fixed ε, searched over ε by ``search.py`` (the paper's
+  Algorithm 1, batched: the minimal-ε search over any fixed-ε attack);
 * ``cw.py``: Carlini–Wagner ℓ2 with a per-image search over c.
 
 Shared parts: ``function.py`` (the attacked function), ``registry.py`` (what an attack
@@ -21,12 +22,13 @@ from .cw import CWConfig, carlini_wagner_l2
 from .function import PRECISIONS, AttackedFunction, batches
 from .job import check_job, job_hash, load_stimuli, run_attack_job
 from .pgd import PGDConfig, minimal_epsilon_search, pgd_attack, pgd_step, project_l2, project_linf
+from .search import FixedEpsilonAttack, SearchConfig, minimal_epsilon, minimal_epsilon_attack
 from .registry import Attack, AttackResult, attack_names, get_attack, image_key, register_attack, registered_attacks
 from .store import ChunkStore, chunk_dir_for
 
 # Read by advalign.provenance: this package imports all of its modules at run time.
 DISCOVERS_SUBMODULES = True
-_INFRASTRUCTURE = {"registry", "function", "store", "job", "pgd", "cw"}
+_INFRASTRUCTURE = {"registry", "function", "store", "job", "search", "pgd", "cw"}
 
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     if _module not in _INFRASTRUCTURE:
@@ -39,7 +41,9 @@ __all__ = [
     "AttackedFunction",
     "CWConfig",
     "ChunkStore",
+    "FixedEpsilonAttack",
     "PGDConfig",
+    "SearchConfig",
     "attack_names",
     "batches",
     "carlini_wagner_l2",
@@ -49,6 +53,8 @@ __all__ = [
     "image_key",
     "job_hash",
     "load_stimuli",
+    "minimal_epsilon",
+    "minimal_epsilon_attack",
     "minimal_epsilon_search",
     "pgd_attack",
     "pgd_step",

@@ -75,11 +75,13 @@ class Attack:
         if self.kind not in KINDS:
             raise ValueError(f"attack {self.name!r}: kind {self.kind!r} is not one of {KINDS}")
 
+    # The package module that declares it (default: where ``run`` is defined): the code of its
+    # jobs, beside the job's own (``advalign.provenance``).
+    declared_in: str = ""
+
     @property
     def module(self) -> str:
-        """The package module that implements it (where ``run`` is defined): the code of its
-        jobs, beside the job's own (``advalign.provenance``)."""
-        return self.run.__module__
+        return self.declared_in or self.run.__module__
 
     @property
     def tolerance_column(self) -> str:
