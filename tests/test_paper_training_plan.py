@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -80,15 +77,14 @@ def test_dry_run_plans_the_derived_models_with_gpus(workdir):
     assert "resnetv2_50_harmonized" in jobs and "resnet50_harmonized" not in jobs
 
 
-def test_each_planned_job_records_the_harmonizer_scale_and_weight_decay(workdir):
-    # Snakemake's own plan (its API, as a dry run builds it): the parameters each job is given.
-    targets = [f"results/models/{model}/weights.pt" for model in _derived(workdir)]
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("planned_params.py")), "train", "config/paper.yaml",
-         "test_paper.yaml", "trained.yaml", "--", *targets],
-        cwd=workdir, capture_output=True, text=True, timeout=600, check=True,
-    )  # fmt: skip
-    params = {key.removeprefix("model="): value["job"] for key, value in json.loads(proc.stdout).items()}
+def test_each_planned_job_records_the_harmonizer_scale_and_weight_decay(workdir, monkeypatch):
+    # The package's planning (what the train rule gives each job), for the config the dry run plans.
+    from advalign.planning import Plan, planned_config
+
+    monkeypatch.chdir(workdir)
+    config, zoo, _ = planned_config(["config/paper.yaml", "test_paper.yaml", "trained.yaml"])
+    plan = Plan(config, zoo)
+    params = {model: plan.training_params(model) for model in plan.trained_models()}
     lambdas = {spec["model"]: spec.get("harmonizer_lambda") for spec in yaml.safe_load(
         (workdir / "config/paper.yaml").read_text())["zoo"]["derived"]}  # fmt: skip
     assert set(params) == set(_derived(workdir)) and len(params) == 22

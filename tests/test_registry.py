@@ -135,14 +135,16 @@ register_figure(Figure("figToy", "scatter", "Toy: l2 vs l_inf PGD tolerance",
 '''
 
 PLAN = """
-import json, sys
-sys.path.insert(0, "tests")
-from planned_params import planned_params
-jobs = {rule: planned_params(rule, ["config/config.yaml", "toy.yaml"], ["all"])
-        for rule in ("attack", "figure_figToy")}
-print(json.dumps({rule: sorted(found) for rule, found in jobs.items()}))
-print(json.dumps(jobs["attack"]["attack=toy_step_l2,model=resnet_demo"], default=str))
-print(json.dumps(jobs["attack"]["attack=toy_l2,model=resnet_demo"], default=str))
+import json
+from advalign.attacks import attack_names
+from advalign.planning import Plan, planned_config
+config, zoo, _ = planned_config(["config/config.yaml", "toy.yaml"])
+plan = Plan(config, zoo)
+jobs = {a: plan.attack_models(a) for a in attack_names()}
+print(json.dumps(jobs))
+for attack in ("toy_step_l2", "toy_l2"):
+    print(json.dumps({"job": plan.attack_params(attack, "resnet_demo"), "code": plan.attack_code_version(attack)},
+                     default=str))
 """
 
 
@@ -184,16 +186,21 @@ def test_a_new_attack_and_a_new_figure_cost_one_file_each_plus_config(tmp_path):
     planned, step_job, toy_job = (json.loads(line) for line in proc.stdout.strip().splitlines()[-3:])
     models = [line.split(",")[0] for line in (work / "config/zoo_demo.csv").read_text().splitlines()[1:]
               if line and not line.startswith("#")]  # fmt: skip
-    toy_jobs = [j for j in planned["attack"] if j.startswith("attack=toy_l2,")]
-    assert len(toy_jobs) >= len(models) > 0  # every base model (and the derived ones) is attacked
-    assert planned["figure_figToy"] == [""]
+    assert len(planned["toy_l2"]) >= len(models) > 0  # every base model (and the derived ones) is attacked
     assert toy_job["job"]["spec"] == {"radii": 6, "largest": 4.0}  # the attack's schema filled the default
     # A fixed-ε attack gets the minimal-ε search: the search's keys and defaults, its own on top.
-    assert len([j for j in planned["attack"] if j.startswith("attack=toy_step_l2,")]) == len(toy_jobs)
+    assert planned["toy_step_l2"] == planned["toy_l2"]
     assert step_job["job"]["spec"] == {"eps_min": 1e-6, "eps_max": 4.0, "stop": "relative", "precision": 0.02,
                                        "threshold": 0.001, "bracket": "auto", "verify": 0.03, "scale": 1.0}
     # Each attack job's fingerprint counts its own attack's file, not the other attacks'.
     assert step_job["code"] != toy_job["code"]
+    # Snakemake plans one job per model for each new attack, and the new figure.
+    dry = subprocess.run([str(BIN / "snakemake"), "-n", "--quiet", "rules", "--configfile", "config/config.yaml",
+                          "toy.yaml"], cwd=work, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    stats = dict(line.split() for line in (dry.stdout + dry.stderr).splitlines() if len(line.split()) == 2
+                 and line.split()[1].isdigit())  # fmt: skip
+    assert int(stats["attack"]) == sum(len(m) for m in planned.values()) and stats["figure_figToy"] == "1"
     # The attack rule's code fingerprint covers the new file (editing it reruns the attacks).
     from advalign.provenance import package_modules
 

@@ -11,10 +11,9 @@ import sys
 
 from pathlib import Path
 
-from .config import check_overrides, load_config
 from .io import PipelineError
 from .models import check_models_build
-from .zoo import load_zoo
+from .planning import planned_config
 
 
 # The Snakefile's configfile, in the workflow directory the command is run from (as Snakemake
@@ -27,14 +26,9 @@ DEFAULT_CONFIG = next(
 
 
 def _planned_config(files):
-    """The config Snakemake plans with for `--configfile FILE...`: the Snakefile's default config
-    with each file merged on top in order, validated the same way (zoo, overrides, models)."""
-    files = [Path(f) for f in files]
-    base = [] if files and files[0].resolve() == DEFAULT_CONFIG.resolve() else [DEFAULT_CONFIG]
-    paths = base + files
-    config = load_config(paths[0], *paths[1:])
-    zoo = load_zoo(config)
-    check_overrides(config, zoo, source=" + ".join(map(str, paths)))
+    """The config Snakemake plans with for `--configfile FILE...` (advalign.planning), and the
+    zoo's models checked to build as planning checks them."""
+    config, zoo, paths = planned_config(files, DEFAULT_CONFIG)
     if config["data"]["kind"] == "synthetic":
         check_models_build(zoo.to_dict("records"), config["data"]["synthetic"]["n_classes"], source=zoo.attrs["source"])
     return config, zoo, paths

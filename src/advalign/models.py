@@ -24,9 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .io import PipelineError, torch_load, torch_save
+from .zoo import DATA_CONFIG_KEYS, data_config_overrides, json_cell, timm_kwargs  # noqa: F401 (the zoo's cells)
 
 META_REQUIRED = ("model_row", "num_classes", "data_config")
-DATA_CONFIG_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation")
 
 
 # ---------------------------------------------------------------------------
@@ -46,26 +46,6 @@ class _HardSwish(nn.Module):
 
     def forward(self, x):
         return x * F.relu6(x + 3.0) / 6.0
-
-
-def timm_kwargs(row: dict) -> dict:
-    """The zoo row's ``timm_kwargs`` (a JSON object, or already a dict) for timm.create_model;
-    the one parser of that cell (zoo checks, builds, pretrained fetches)."""
-    return json_cell(row.get("timm_kwargs"), f"{row.get('model', '?')}: timm_kwargs")
-
-
-def json_cell(raw, label: str) -> dict:
-    """A zoo cell holding a JSON object (or already a dict); blank = {}; else a one-line error."""
-    raw = raw or "{}"
-    if isinstance(raw, dict):
-        return dict(raw)
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        raise PipelineError(f"{label} is not JSON: {raw!r}") from None
-    if not isinstance(value, dict):
-        raise PipelineError(f"{label} must be a JSON object, got {raw!r}")
-    return value
 
 
 def enable_double_backward(model: nn.Module) -> nn.Module:
@@ -183,33 +163,6 @@ def data_config(model_or_meta) -> dict:
 
     config = resolve_data_config({}, model=model_or_meta)
     return _clean_data_config(config)
-
-
-def data_config_overrides(row: dict) -> dict:
-    """The zoo row's ``data_config`` JSON (keys of DATA_CONFIG_KEYS), checked; {} when blank.
-
-    A researcher's checkpoint may expect another normalisation or input size than timm's
-    default config of the architecture: these values replace timm's."""
-    overrides = json_cell(row.get("data_config"), "data_config")
-    unknown = sorted(set(overrides) - set(DATA_CONFIG_KEYS))
-    if unknown:
-        raise PipelineError(f"data_config key(s) {', '.join(unknown)} unknown (expected {', '.join(DATA_CONFIG_KEYS)})")
-    for key in ("mean", "std"):
-        value = overrides.get(key)
-        if value is not None and not (isinstance(value, list) and len(value) == 3
-                                      and all(isinstance(v, (int, float)) for v in value)):  # fmt: skip
-            raise PipelineError(f"data_config {key} must be 3 numbers, got {value!r}")
-    if "std" in overrides and min(overrides["std"]) <= 0:
-        raise PipelineError(f"data_config std must be > 0, got {overrides['std']!r}")
-    size = overrides.get("input_size")
-    if size is not None and not (isinstance(size, list) and len(size) == 3 and all(isinstance(v, int) and v > 0 for v in size)):
-        raise PipelineError(f"data_config input_size must be [3, H, W], got {size!r}")
-    crop = overrides.get("crop_pct")
-    if crop is not None and not (isinstance(crop, (int, float)) and 0 < crop <= 1):
-        raise PipelineError(f"data_config crop_pct must be in (0, 1], got {crop!r}")
-    if "interpolation" in overrides and overrides["interpolation"] not in ("bilinear", "bicubic", "nearest"):
-        raise PipelineError(f"data_config interpolation must be bilinear, bicubic or nearest, got {overrides['interpolation']!r}")
-    return overrides
 
 
 def _clean_data_config(config: dict) -> dict:

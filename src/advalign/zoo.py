@@ -5,6 +5,7 @@ One DataFrame with ``columns.ZOO_COLUMNS``."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -13,10 +14,59 @@ import pandas as pd
 
 from .columns import ARCH_CLASSES, TRAINING_KINDS, ZOO_COLUMNS
 from .io import PipelineError, is_url
-from .models import data_config_overrides, json_cell
 
 _ID = re.compile(r"^[A-Za-z0-9_.-]+$")
 REQUIRED_TABLE_COLUMNS = ("model", "timm_name", "arch_class", "family")
+
+
+DATA_CONFIG_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation")
+
+
+def timm_kwargs(row: dict) -> dict:
+    """The zoo row's ``timm_kwargs`` (a JSON object, or already a dict) for timm.create_model;
+    the one parser of that cell (zoo checks, builds, pretrained fetches)."""
+    return json_cell(row.get("timm_kwargs"), f"{row.get('model', '?')}: timm_kwargs")
+
+
+def json_cell(raw, label: str) -> dict:
+    """A zoo cell holding a JSON object (or already a dict); blank = {}; else a one-line error."""
+    raw = raw or "{}"
+    if isinstance(raw, dict):
+        return dict(raw)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        raise PipelineError(f"{label} is not JSON: {raw!r}") from None
+    if not isinstance(value, dict):
+        raise PipelineError(f"{label} must be a JSON object, got {raw!r}")
+    return value
+
+
+def data_config_overrides(row: dict) -> dict:
+    """The zoo row's ``data_config`` JSON (keys of DATA_CONFIG_KEYS), checked; {} when blank.
+
+    A researcher's checkpoint may expect another normalisation or input size than timm's
+    default config of the architecture: these values replace timm's."""
+    overrides = json_cell(row.get("data_config"), "data_config")
+    unknown = sorted(set(overrides) - set(DATA_CONFIG_KEYS))
+    if unknown:
+        raise PipelineError(f"data_config key(s) {', '.join(unknown)} unknown (expected {', '.join(DATA_CONFIG_KEYS)})")
+    for key in ("mean", "std"):
+        value = overrides.get(key)
+        if value is not None and not (isinstance(value, list) and len(value) == 3
+                                      and all(isinstance(v, (int, float)) for v in value)):  # fmt: skip
+            raise PipelineError(f"data_config {key} must be 3 numbers, got {value!r}")
+    if "std" in overrides and min(overrides["std"]) <= 0:
+        raise PipelineError(f"data_config std must be > 0, got {overrides['std']!r}")
+    size = overrides.get("input_size")
+    if size is not None and not (isinstance(size, list) and len(size) == 3 and all(isinstance(v, int) and v > 0 for v in size)):
+        raise PipelineError(f"data_config input_size must be [3, H, W], got {size!r}")
+    crop = overrides.get("crop_pct")
+    if crop is not None and not (isinstance(crop, (int, float)) and 0 < crop <= 1):
+        raise PipelineError(f"data_config crop_pct must be in (0, 1], got {crop!r}")
+    if "interpolation" in overrides and overrides["interpolation"] not in ("bilinear", "bicubic", "nearest"):
+        raise PipelineError(f"data_config interpolation must be bilinear, bicubic or nearest, got {overrides['interpolation']!r}")
+    return overrides
 
 
 def read_zoo_table(path: str | Path) -> pd.DataFrame:

@@ -14,8 +14,9 @@ from advalign.models import check_models_build
 from advalign.io import PipelineError
 from advalign.columns import CONFLICT_ARRAYS
 from advalign.stimulus_file import check_stimulus_file_cached
-from advalign.zoo import derived_spec, load_zoo
-from advalign.attacks import attack_names, get_attack, registered_attacks
+from advalign.planning import Plan
+from advalign.zoo import load_zoo
+from advalign.attacks import attack_names
 from advalign.figure_registry import figure_names
 
 try:
@@ -54,9 +55,13 @@ try:
 except PipelineError as exc:
     raise WorkflowError(str(exc)) from None
 
-MODELS = list(ZOO["model"])
-ZOO_ROWS = {row["model"]: row for row in ZOO.to_dict("records")}
-SYNTHETIC = config["data"]["kind"] == "synthetic"
+# Job planning lives in the package (advalign.planning, plain functions that tests call
+# directly); these wrappers give the rules its answers under their familiar names.
+PLAN = Plan(config, ZOO, Path(workflow.basedir))
+MODELS = PLAN.models
+ZOO_ROWS = PLAN.rows
+SYNTHETIC = PLAN.synthetic
+MISSING_DATA = PLAN.missing_data
 
 
 wildcard_constraints:
@@ -65,169 +70,71 @@ wildcard_constraints:
 
 
 def code_version(script, exclude=frozenset()):
-    """Fingerprint of a workflow script and the advalign modules it runs (advalign.provenance):
-    passed as a parameter, so editing a module reruns exactly the jobs whose code it is.
-    """
-    from advalign.provenance import code_fingerprint
-
-    base = Path(workflow.basedir)
-    return code_fingerprint(
-        str(base / "workflow" / "scripts" / script),
-        str(base / "src" / "advalign"),
-        frozenset(exclude),
-    )
+    return PLAN.code_version(script, exclude)
 
 
 def attack_code_version(wildcards):
-    """The attack job's fingerprint counts its own attack's module, not the other attacks':
-    editing cw.py reruns the CW jobs, not the PGD ones."""
-    from advalign.provenance import plugin_exclusions
-
-    package = Path(workflow.basedir) / "src" / "advalign"
-    own = get_attack(wildcards.attack).module
-    others = plugin_exclusions(own, {a.module for a in registered_attacks()}, package)
-    return code_version("attack.py", others)
+    return PLAN.attack_code_version(wildcards.attack)
 
 
 def model_row(model):
-    """The zoo row of a model as plain JSON-able values (NaN -> None)."""
-    row = ZOO_ROWS[model]
-    return {k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}
+    return PLAN.model_row(model)
 
 
 def is_trained(model):
-    """Models the pipeline trains: every model on synthetic data, derived ones on the paper config
-    (a harmonized model released as a checkpoint is imported, not trained)."""
-    row = ZOO_ROWS[model]
-    return SYNTHETIC or (row["training"] != "standard" and not row["checkpoint"])
+    return PLAN.is_trained(model)
 
 
 def model_weights(model):
-    if is_trained(model):
-        return f"results/models/{model}/weights.pt"
-    return f"{config['data']['paper'].get('weights_cache', 'weights')}/{model}.pth"
+    return PLAN.model_weights(model)
 
 
 def trained_models():
-    return [m for m in MODELS if is_trained(m)]
+    return PLAN.trained_models()
 
 
 def model_metrics():
-    """Training metrics of every model the pipeline trains (model_table input)."""
-    return [f"results/models/{m}/metrics.json" for m in trained_models()]
+    return PLAN.model_metrics()
 
 
 def attack_models(attack):
-    """Models an attack is run on: the ones its registry entry selects (CW: a CNN/ViT subset,
-    docs/methods.md §3), none when the attack is not enabled."""
-    if attack not in config["attacks"]["enabled"]:
-        return []
-    return get_attack(attack).models(
-        config["attacks"][attack], [ZOO_ROWS[m] for m in MODELS]
-    )
+    return PLAN.attack_models(attack)
 
 
 def attack_outputs(kind="parquet"):
-    return [
-        f"results/attacks/{attack}/{model}.{kind}"
-        for attack in attack_names()
-        for model in attack_models(attack)
-    ]
+    return PLAN.attack_outputs(kind)
 
 
 def attack_params(wildcards):
-    """Everything one model x attack job depends on, and nothing else."""
-    attacks = config["attacks"]
-    spec = dict(attacks[wildcards.attack])
-    spec.update(attacks["overrides"].get(wildcards.model, {}).get(wildcards.attack, {}))
-    return {
-        "attack": wildcards.attack,
-        "spec": spec,
-        "model": model_row(wildcards.model),
-        "batch_size": attacks["batch_size"],
-        "chunk_size": attacks["chunk_size"],
-        "keep_examples": attacks["keep_examples"],
-        "precision": attacks["precision"],
-        "device": config["device"],
-        "cpu_kernels": config["cpu_kernels"],
-        "seed": config["seed"],
-    }
+    return PLAN.attack_params(wildcards.attack, wildcards.model)
 
 
 def training_params(wildcards):
-    """The training recipe of one model: its zoo row, shared hyperparameters, its own overrides."""
-    row = model_row(wildcards.model)
-    recipe = dict(config["training"])
-    if row["training"] == "standard" and row.get("epochs"):
-        recipe["epochs"] = int(
-            row["epochs"]
-        )  # the zoo table's own budget for this model
-    if row["training"] != "standard":
-        spec = derived_spec(config, wildcards.model)
-        recipe["epochs"] = spec.get("epochs", recipe["finetune_epochs"])
-        recipe["lr"] = recipe["finetune_lr"]
-        if row["training"] == "harmonized" and row["harmonizer_lambda"] is None:
-            row["harmonizer_lambda"] = recipe["harmonizer"]["default_lambda"]
-    job = {
-        "model": row,
-        "recipe": recipe,
-        "device": config["device"],
-        "cpu_kernels": config["cpu_kernels"],
-        "seed": config["seed"],
-    }
-    if not SYNTHETIC:
-        job["verify_crc"] = config["data"]["paper"]["clickme"]["verify_crc"]
-    return job
+    return PLAN.training_params(wildcards.model)
 
 
 def job_resource(rule_name, key, synthetic_value):
-    """A rule's cluster resource: fixed small values on the synthetic benchmark, and
-    data.paper.resources.<rule_name>.<key> of the config on the paper."""
-    if SYNTHETIC:
-        return synthetic_value
-    return config["data"]["paper"]["resources"][rule_name][key]
+    return PLAN.job_resource(rule_name, key, synthetic_value)
 
 
 def training_data_inputs():
-    """What training reads: the synthetic splits, or (paper) the ImageNet indexes
-    (results/data/imagenet_{train,val}.csv, IMAGENET_INDEX_COLUMNS) and the ClickMe
-    training shards whose maps the harmonizer aligns to."""
-    if SYNTHETIC:
-        return {
-            "train": "results/data/train.npz",
-            "heldout": "results/data/heldout.npz",
-        }
-    return {
-        "train": "results/data/imagenet_train.csv",
-        "heldout": "results/data/imagenet_val.csv",
-        "clickme": "results/data/clickme_train.json",  # the fetched, verified shards
-    }
+    return PLAN.training_data_inputs()
 
 
-# The paper's data may be absent while planning (a login node without ClickMe or ImageNet):
-# a dry run and the weights cache then still plan. Each rule whose data is missing is noted
-# here, and the Snakefile's `onstart` (real runs only, before any job starts) stops with
-# one line naming the config keys when a job that needs the data is about to run.
-MISSING_DATA = {}
+def training_inputs(wildcards):
+    return PLAN.training_inputs(wildcards.model)
 
 
 def note_missing_data(rule_name, reason):
-    """Record (once per rule) that a rule's data is absent while planning, and say so."""
-    if rule_name not in MISSING_DATA:
-        MISSING_DATA[rule_name] = reason
-        print(f"note: {reason}; planned without it", file=sys.stderr)
+    PLAN.note_missing_data(rule_name, reason)
 
 
 def stop_if_data_missing():
     """For onstart: one line and exit 1 if a job about to run needs data that is absent."""
-    needed = {job.rule.name for job in workflow.dag.needrun_jobs()}
-    for rule_name, reason in MISSING_DATA.items():
-        if rule_name in needed:
-            print(
-                f"error: job {rule_name} needs the paper's data: {reason}",
-                file=sys.stderr,
-            )
-            sys.exit(1)
+    error = PLAN.data_stop(job.rule.name for job in workflow.dag.needrun_jobs())
+    if error:
+        print(error, file=sys.stderr)
+        sys.exit(1)
 
 
 def stop_if_no_cores():
@@ -247,91 +154,34 @@ def stop_if_no_cores():
 
 
 def clickme_shards(key, rule_name):
-    """The ClickMe shard files of the glob patterns data.paper.clickme.<key> under shard_dir;
-    none (and a note) while they are not on disk."""
-    from advalign.data.clickme import find_shards
-
-    clickme = config["data"]["paper"]["clickme"]
-    try:
-        return [str(p) for p in find_shards(clickme["shard_dir"], clickme[key])]
-    except PipelineError as exc:
-        note_missing_data(
-            rule_name,
-            f"{exc} (config data.paper.clickme.shard_dir = {clickme['shard_dir']!r}, "
-            f"data.paper.clickme.{key} = {clickme[key]})",
-        )
-        return []
-
-
-_HAND_PLACED = {}
+    return PLAN.clickme_shards(key, rule_name)
 
 
 def clickme_hand_placed(split):
-    """The inputs of clickme_shards. With fetch.base_url null, the shards placed in
-    shard_dir by hand (globbed once per split, so a replaced shard reruns the rule); none when
-    they are downloaded."""
-    if config["data"]["paper"]["clickme"]["fetch"]["base_url"] is not None:
-        return []
-    if split not in _HAND_PLACED:
-        key = "stimulus_shards" if split == "val" else "train_shards"
-        _HAND_PLACED[split] = clickme_shards(key, "clickme_shards")
-    return list(_HAND_PLACED[split])
+    return PLAN.clickme_hand_placed(split)
 
 
 def imagenet_source(split):
-    """Folder (and, flat layout, label file) of an ImageNet split on the paper config."""
-    imagenet = config["data"]["paper"]["imagenet"]
-    key = "train_dir" if split == "train" else "val_dir"
-    if not Path(imagenet[key]).is_dir():
-        note_missing_data(
-            "imagenet_index",
-            f"{imagenet[key]}: ImageNet folder not found (config data.paper.imagenet.{key})",
-        )
-    if split == "train":
-        return {"root": imagenet["train_dir"], "labels": None}
-    return {"root": imagenet["val_dir"], "labels": imagenet["val_labels"]}
+    return PLAN.imagenet_source(split)
 
 
-def training_inputs(wildcards):
-    inputs = training_data_inputs()
-    base = ZOO_ROWS[wildcards.model]["base_model"]
-    derived = ZOO_ROWS[wildcards.model]["training"] != "standard"
-    # From scratch, a derived model takes only its architecture and data config from the base.
-    if derived and base and config["training"]["derived_init"] == "base":
-        inputs["base_weights"] = model_weights(base)
-    return inputs
+def _planning(method, *args):
+    try:
+        return method(*args)
+    except PipelineError as exc:
+        raise WorkflowError(str(exc)) from None
 
 
 def train_layout():
-    """(GPUs, nodes) of a training job: one process per GPU, launched by torchrun when
-    there is more than one (advalign.distributed); several nodes need >= 2 GPUs each."""
-    gpus, nodes = job_resource("train", "gpu", 0), job_resource("train", "nodes", 1)
-    if nodes > 1 and (gpus % nodes or gpus // nodes < 2):
-        raise WorkflowError(
-            f"data.paper.resources.train: {gpus} GPUs on {nodes} nodes; a multi-node job needs a "
-            "multiple of the node count and at least 2 GPUs per node"
-        )
-    return gpus, nodes
+    return _planning(PLAN.train_layout)
 
 
 def train_threads():
-    """CPUs of a training job on its (first) node: training.threads per process."""
-    gpus, nodes = train_layout()
-    return config["training"]["threads"] * max(1, gpus // nodes)
+    return _planning(PLAN.train_threads)
 
 
 def train_multinode(name):
-    """A resource that only multi-node training jobs set (None = unset): such jobs are
-    MPI-style jobs of the SLURM executor, whose script starts torchrun on every node."""
-    gpus, nodes = train_layout()
-    if nodes == 1:
-        return None
-    if name == "mpi":
-        return "srun"
-    if name == "tasks_per_node":
-        # One task per GPU in the allocation; the script's srun starts one per node.
-        return gpus // nodes
-    return config["training"]["threads"]  # cpus_per_task
+    return _planning(PLAN.train_multinode, name)
 
 
 def figure_outputs():
