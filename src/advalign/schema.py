@@ -69,3 +69,14 @@ def _fill_defaults(value, node: dict, root: dict):
     return value
 
 
+
+
+def block_defaults(*path: str) -> dict:
+    """The defaults the schema fills into an empty block at ``properties.<path>`` (e.g.
+    ``block_defaults("training")``: every training key's default, written nowhere else)."""
+    root = _schema_file(SCHEMA_PATH)
+    node = root
+    for key in path:
+        node = _resolve(node, root)["properties"][key]
+    node = _resolve(node, root)
+    return _fill_defaults(copy.deepcopy(node.get("default", {})), node, root)

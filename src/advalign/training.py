@@ -67,6 +67,7 @@ from .data.training_sources import (
 from .harmonizer import harmonizer_terms, mixed_cross_entropy
 from .device import cuda_fp32_mode
 from .io import PipelineError, read_json, write_json, write_table
+from .schema import block_defaults
 from .models import NormalizedModel, build_model, data_config as resolve_data_config, load_model, save_trained, synthetic_data_config
 
 __all__ = [
@@ -254,7 +255,7 @@ def weight_decay_convention(recipe: dict) -> dict:
     coupled = recipe["optimizer"] == "sgd"
     return {
         "value": float(recipe["weight_decay"]),
-        "params": recipe.get("weight_decay_params", "released_code"),
+        "params": recipe["weight_decay_params"],
         "form": "coupled: gradient of value * sum(theta^2) / 2 (TF l2_loss)" if coupled
         else "decoupled (AdamW): theta *= 1 - lr * value",
     }
@@ -265,7 +266,7 @@ def make_optimizer(model: nn.Module, recipe: dict) -> torch.optim.Optimizer:
     SGD with (Nesterov) momentum, the paper's recipe. SGD's coupled decay ``wd * theta`` is the
     gradient of the released code's ``lambda_wd * sum(tf.nn.l2_loss(theta))`` =
     ``lambda_wd * sum(theta^2) / 2`` with lambda_wd = wd (l2_loss already halves the sum)."""
-    groups = parameter_groups(model, float(recipe["weight_decay"]), recipe.get("weight_decay_params", "released_code"))
+    groups = parameter_groups(model, float(recipe["weight_decay"]), recipe["weight_decay_params"])
     if recipe["optimizer"] == "adamw":
         return torch.optim.AdamW(groups, lr=float(recipe["lr"]))
     if recipe["optimizer"] == "sgd":
@@ -356,9 +357,9 @@ class Trainer:
         self.seed, self.desc = int(seed), desc
         self.epochs = int(recipe["epochs"])
         self.flip = bool(recipe["augment_flip"])
-        self.mixup_alpha = float(recipe.get("mixup_alpha", 0.0) or 0.0)
-        self.workers = int(recipe.get("loader_workers", 0) or 0)
-        self.checkpoint_every = int(recipe.get("checkpoint_every", 0) or 0)
+        self.mixup_alpha = float(recipe["mixup_alpha"] or 0.0)
+        self.workers = int(recipe["loader_workers"] or 0)
+        self.checkpoint_every = int(recipe["checkpoint_every"] or 0)
         self.sampler = EpochSampler(len(source), int(recipe["batch_size"]), ctx.world_size, ctx.rank, seed)
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = self.epochs * self.steps_per_epoch
@@ -554,7 +555,8 @@ class TrainJob:
 
     @property
     def recipe(self) -> dict:
-        return dict(self.job["recipe"])
+        """The job's recipe over the schema's training defaults (the one place they are written)."""
+        return {**block_defaults("training"), **self.job["recipe"]}
 
     @property
     def inputs(self) -> list:
@@ -610,7 +612,7 @@ def _check_double_backward(net, source, device, name: str) -> None:
 
 def _precision(recipe: dict, device: torch.device):
     """(name, autocast factory): bf16 autocast + TF32 on GPU by default, fp32 on CPU."""
-    wanted = recipe.get("precision", "auto")
+    wanted = recipe["precision"]
     if device.type != "cuda":
         return "fp32", contextlib.nullcontext
     name = "bf16" if wanted == "auto" else wanted
@@ -641,7 +643,7 @@ def _model_and_data(ctx, tj: TrainJob, row: dict, kind: str, recipe: dict):
     else:
         num_classes = IMAGENET_CLASSES
     model = build_model(row, num_classes, double_backward=kind == "harmonized")
-    init = recipe.get("derived_init", "base")
+    init = recipe["derived_init"]
     if kind == "standard":
         if not arrays:
             raise PipelineError(f"{name}: standard models are trained on the synthetic benchmark only (paper: weights cache)")
@@ -719,12 +721,12 @@ def _train(ctx, tj: TrainJob):
     epochs = int(recipe["epochs"])
     steps_per_epoch = EpochSampler(len(train), int(recipe["batch_size"]), ctx.world_size, ctx.rank, seed).steps_per_epoch
     factor = lr_factor(
-        recipe.get("lr_schedule", "cosine"),
+        recipe["lr_schedule"],
         epochs * steps_per_epoch,
         int(round(float(recipe["warmup_epochs"]) * steps_per_epoch)),
         steps_per_epoch,
-        recipe.get("lr_milestones", ()),
-        float(recipe.get("lr_decay", 0.1)),
+        recipe["lr_milestones"],
+        float(recipe["lr_decay"]),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     if ctx.distributed:
