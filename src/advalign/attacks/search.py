@@ -380,12 +380,11 @@ def _dual_norm(grad: torch.Tensor, norm: str) -> np.ndarray:
     return (flat.norm(p=2, dim=1) if norm == "l2" else flat.abs().sum(dim=1)).cpu().numpy()
 
 
-def _tree_search(fn, x, y, attack, search: SearchConfig, floor, ceil, thr, keys, batch_size, progress) -> AttackResult:
-    """The full-range search's trials, run from the linearised distance, skipping the decided
-    ones (module docstring)."""
+def _linearised_distance(fn, x, y, attack, batch_size):
+    """Per image: ∇ₓCE at the clean image (the attack's first step; None with random starts),
+    the clean margin and the linearised distance margin / ‖∇ₓ margin‖_* to the boundary (not
+    finite or <= 0 where the gradient says nothing). One forward, two backward passes."""
     n = len(x)
-    # One forward and two backward passes per image, counted as two: ∇ₓCE at the clean image
-    # (the attack's first step), the clean margin and the linearised distance to the boundary.
     clean_margin, distance = np.zeros(n), np.zeros(n)
     clean_grad = torch.zeros_like(x) if attack.first_step_at_x else None
     for part in batches(np.arange(n), batch_size):
@@ -396,49 +395,58 @@ def _tree_search(fn, x, y, attack, search: SearchConfig, floor, ceil, thr, keys,
         clean_margin[part] = margin.double().cpu().numpy()
         with np.errstate(divide="ignore", invalid="ignore"):
             distance[part] = clean_margin[part] / _dual_norm(margin_grad, attack.norm)
-    trials = _Trials(fn, x, y, attack, keys, batch_size, clean_grad, evals=2)
+    return clean_grad, clean_margin, distance
 
-    trees = [_Tree(float(f), float(c), search) for f, c in zip(floor, ceil)]
-    known = [{} for _ in range(n)]  # grid point -> fooled
-    margin_at = [{} for _ in range(n)]
-    reach = np.array([math.log1p(search.verify) / t.step for t in trees])
-    guess = np.array([t.index(d * FIRST_GUESS) if np.isfinite(d) and d > 0 else t.top / 2
-                      for t, d in zip(trees, distance)])  # fmt: skip
-    width = np.full(n, np.inf)
-    halve = np.zeros(n, dtype=bool)
-    outcome = [None] * n
 
-    def run(rows: np.ndarray, points: np.ndarray):
-        radius = np.array([trees[i].radius(int(k)) for i, k in zip(rows, points)])
-        numbers = np.array([trees[i].trial_number(int(k)) for i, k in zip(rows, points)])
+class _TreeWalks:
+    """Every image's walk down its :class:`_Tree`: the trials run so far (grid point -> fooled,
+    and the margin there), the estimate of the crossing that orders the next ones, and the
+    walk's outcome once decided (module docstring)."""
+
+    def __init__(self, trees: list, verify: float, clean_margin: np.ndarray, distance: np.ndarray):
+        n = len(trees)
+        self.trees, self.clean_margin = trees, clean_margin
+        self.known = [{} for _ in range(n)]  # grid point -> fooled
+        self.margin_at = [{} for _ in range(n)]
+        self.reach = np.array([math.log1p(verify) / t.step for t in trees])
+        self.guess = np.array([t.index(d * FIRST_GUESS) if np.isfinite(d) and d > 0 else t.top / 2
+                               for t, d in zip(trees, distance)])  # fmt: skip
+        self.width = np.full(n, np.inf)
+        self.halve = np.zeros(n, dtype=bool)
+        self.outcome = [None] * n
+
+    def run(self, trials: _Trials, rows: np.ndarray, points: np.ndarray) -> None:
+        """Run the trials of images ``rows`` at grid ``points`` and record them."""
+        radius = np.array([self.trees[i].radius(int(k)) for i, k in zip(rows, points)])
+        numbers = np.array([self.trees[i].trial_number(int(k)) for i, k in zip(rows, points)])
         fooled, margin = trials.run(rows, radius, numbers)
         for i, k, won, m in zip(rows, points, fooled, margin):
-            known[i][int(k)] = bool(won)
-            margin_at[i][int(k)] = float(m)
+            self.known[i][int(k)] = bool(won)
+            self.margin_at[i][int(k)] = float(m)
 
-    def next_point(i: int):
+    def next_point(self, i: int):
         """The next grid point to run for image i, or None when its walk is decided."""
-        result, needed = trees[i].walk(known[i], reach[i], guess[i])
+        result, needed = self.trees[i].walk(self.known[i], self.reach[i], self.guess[i])
         if not needed:
-            outcome[i] = result
+            self.outcome[i] = result
             return None
-        lo, hi = _bracket(known[i])
+        lo, hi = _bracket(self.known[i])
         if hi is not None and lo is not None:
             new_width = hi - lo
-            halve[i] = new_width > 0.5 * width[i]
-            width[i] = new_width
-        if halve[i]:
+            self.halve[i] = new_width > 0.5 * self.width[i]
+            self.width[i] = new_width
+        if self.halve[i]:
             return needed[0]
-        near = [k for k in needed if abs(k - guess[i]) <= reach[i]]
+        near = [k for k in needed if abs(k - self.guess[i]) <= self.reach[i]]
         if near:
             return near[0]
-        return min(needed, key=lambda k: (abs(k - guess[i]), k))
+        return min(needed, key=lambda k: (abs(k - self.guess[i]), k))
 
-    def steer(i: int):
+    def steer(self, i: int) -> None:
         """Move image i's estimate of the crossing (a grid position) after its latest trial."""
-        tree, m = trees[i], margin_at[i]
-        lo, hi = _bracket(known[i])
-        m0 = clean_margin[i]
+        tree, m = self.trees[i], self.margin_at[i]
+        lo, hi = _bracket(self.known[i])
+        m0 = self.clean_margin[i]
         with np.errstate(divide="ignore", invalid="ignore"):
             if hi is None:  # no fooling trial yet: extrapolate past the last failure
                 e_lo = tree.radius(lo)
@@ -454,24 +462,34 @@ def _tree_search(fn, x, y, attack, search: SearchConfig, floor, ceil, thr, keys,
                 e_lo, e_hi = tree.radius(lo), tree.radius(hi)
                 root = e_lo + (e_hi - e_lo) * m[lo] / (m[lo] - m[hi]) if m[lo] != m[hi] else np.nan
                 eps = root if np.isfinite(root) and e_lo < root < e_hi else math.sqrt(e_lo * e_hi)
-        guess[i] = tree.index(eps) if eps > 0 else 0.0
+        self.guess[i] = tree.index(eps) if eps > 0 else 0.0
+
+
+def _tree_search(fn, x, y, attack, search: SearchConfig, floor, ceil, thr, keys, batch_size, progress) -> AttackResult:
+    """The full-range search's trials, run from the linearised distance, skipping the decided
+    ones (module docstring)."""
+    n = len(x)
+    clean_grad, clean_margin, distance = _linearised_distance(fn, x, y, attack, batch_size)
+    trials = _Trials(fn, x, y, attack, keys, batch_size, clean_grad, evals=2)  # the clean pass counts as two
+    trees = [_Tree(float(f), float(c), search) for f, c in zip(floor, ceil)]
+    walks = _TreeWalks(trees, search.verify, clean_margin, distance)
 
     bar = tqdm(desc="tree search", leave=False, file=sys.stderr, disable=not progress)
     open_ = np.arange(n)
     for _ in range(MAX_TRIALS):
-        points = [next_point(int(i)) for i in open_]
+        points = [walks.next_point(int(i)) for i in open_]
         open_ = np.array([i for i, k in zip(open_, points) if k is not None], dtype=np.int64)
         if not len(open_):
             break
-        run(open_, np.array([k for k in points if k is not None], dtype=np.int64))
+        walks.run(trials, open_, np.array([k for k in points if k is not None], dtype=np.int64))
         for i in open_:
-            steer(int(i))
+            walks.steer(int(i))
         bar.update(1)
         bar.set_postfix(active=len(open_))
     bar.close()
     # Past MAX_TRIALS (a safeguard only) an image's walk is decided as it stands.
-    for i in np.flatnonzero([o is None for o in outcome]):
-        outcome[i] = trees[i].walk(known[i], 0.0, guess[i])[0]
+    outcome = [o if o is not None else t.walk(k, 0.0, g)[0]
+               for o, t, k, g in zip(walks.outcome, trees, walks.known, walks.guess)]  # fmt: skip
 
     success = np.array([o[0] for o in outcome], dtype=bool)
     hi_k = np.array([o[2] for o in outcome], dtype=np.int64)
@@ -480,7 +498,7 @@ def _tree_search(fn, x, y, attack, search: SearchConfig, floor, ceil, thr, keys,
     rerun = np.flatnonzero(success & (trials.best_radius != np.where(success, hi, np.inf)))
     if len(rerun):
         trials.best_radius[rerun] = np.inf
-        run(rerun, hi_k[rerun])
+        walks.run(trials, rerun, hi_k[rerun])
     lo = np.array([t.radius(int(o[1])) if o[0] else np.nan for t, o in zip(trees, outcome)])
     censored = np.array([o[3] for o in outcome], dtype=bool)
     return trials.result(success, hi, lo, censored)
