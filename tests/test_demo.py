@@ -11,7 +11,7 @@ from scipy import stats as sps
 
 from advalign.columns import RELIANCE_COLUMNS
 from advalign.figure_registry import figure_names
-from conftest import snakemake
+from conftest import REPO, snakemake
 
 pytestmark = pytest.mark.slow
 
@@ -112,3 +112,62 @@ def test_demo_produces_every_output_and_is_complete(demo_run):
             assert demo_run.path(f"results/tables/{table}.{ext}").stat().st_size > 50
     proc = snakemake(demo_run.workdir, "-n")
     assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def _claim(claims: pd.DataFrame, starts: str) -> pd.Series:
+    rows = claims[claims["claim"].str.startswith(starts)]
+    assert len(rows) == 1, (starts, list(rows["claim"]))
+    return rows.iloc[0]
+
+
+def _p(value: float) -> str:
+    """A p-value as docs/results.md prints it: 2 significant digits, 2.3e-9 rather than 2.3e-09."""
+    return f"{value:.2g}".replace("e-0", "e-")
+
+
+def results_doc_numbers(results) -> list[str]:
+    """The numbers of docs/results.md that come from the demo, formatted as it prints them, from
+    the run's own files (``results``: a function from a results-relative path to its path)."""
+    claims = pd.read_csv(results("tables/claims.csv"))
+    table = pd.read_csv(results("stats/model_attack_table.csv"))
+    pgd = table[table["attack"] == "pgd_l2"].set_index("model")
+    validation = _claim(claims, "validation: rho(measured part reliance")
+    mechanism = _claim(claims, "validation: rho(accuracy")
+    acc_tol = _claim(claims, "Spearman rho(accuracy, l2-PGD tolerance")
+    acc_align = _claim(claims, "Spearman rho(accuracy, adversarial alignment")
+    vit_align = _claim(claims, "t-test ViT vs CNN alignment, Welch")
+    vit_tol = _claim(claims, "t-test ViT vs CNN l2 tolerance, Welch")
+    trade = _claim(claims, "Spearman rho(alignment, l2 tolerance)")
+    norms = _claim(claims, "Spearman rho(l2-PGD tolerance, linf-PGD tolerance)")
+    cw_tol = _claim(claims, "Spearman rho(CW-l2 tolerance")
+    cw_align = _claim(claims, "Spearman rho(CW-l2 alignment")
+    harmonizing = _claim(claims, "harmonizing raises alignment")
+    numbers = [
+        f"(Welch t = {vit_align['recomputed_value']:.2f}, p = {_p(vit_align['recomputed_p'])})",
+        f"(t = {vit_tol['recomputed_value']:.2f}, p = {_p(vit_tol['recomputed_p'])})",
+        f"ρ(alignment, tolerance) = {trade['recomputed_value']:+.2f} (p = {_p(trade['recomputed_p'])})",
+        f"ρ(ℓ2, ℓ∞ tolerance) = {norms['recomputed_value']:.2f}, CW vs PGD tolerance "
+        f"{cw_tol['recomputed_value']:.2f} and alignment {cw_align['recomputed_value']:.2f}, harmonizing raises "
+        f"alignment (t = {harmonizing['recomputed_value']:.1f})",
+        f"= **{validation['recomputed_value']:.2f}** (p = {_p(validation['recomputed_p'])};",
+        f"= **{mechanism['recomputed_value']:.2f}** (p = {_p(mechanism['recomputed_p'])})",
+        f"ρ(accuracy, ℓ2 tolerance) = {acc_tol['recomputed_value']:+.2f} (p = {_p(acc_tol['recomputed_p'])})",
+        f"ρ(accuracy, alignment) = {acc_align['recomputed_value']:+.2f} (p = {_p(acc_align['recomputed_p'])})",
+    ]
+    for model in ("resnet_demo", "convnext_demo", "vit_demo"):
+        base, harmonized, control = (pgd.loc[m] for m in (model, f"{model}_harmonized", f"{model}_control"))
+        numbers.append(f"| {model} → harmonized / control | {base['accuracy']:.1f} → {harmonized['accuracy']:.1f} / "
+                       f"{control['accuracy']:.1f} | {base['tolerance']:.3f} → {harmonized['tolerance']:.3f} / "
+                       f"{control['tolerance']:.3f} |")  # fmt: skip
+    return [n.replace("-", "−") if n.startswith(("ρ", "= **")) else n for n in numbers]
+
+
+def _normalised(text: str) -> str:
+    return " ".join(text.split()).replace("−", "-")
+
+
+def test_the_numbers_of_the_results_doc_are_the_runs(demo_run):
+    """docs/results.md quotes the demo; each quoted number is recomputed from this run's files."""
+    doc = _normalised((REPO / "docs" / "results.md").read_text())
+    missing = [n for n in results_doc_numbers(demo_run.path) if _normalised(n) not in doc]
+    assert not missing, f"docs/results.md does not say what the run gives: {missing}"
