@@ -42,7 +42,7 @@ from advalign.models import attacked_model, load_model
 from advalign.transforms import model_view
 from advalign.weights import checkpoint_inputs, import_checkpoint
 from advalign.zoo import read_zoo_table
-from conftest import _complete_run, copy_repo, snakemake
+from conftest import REPO, _complete_run, copy_repo, snakemake
 
 pytestmark = pytest.mark.slow
 
@@ -102,6 +102,28 @@ def test_every_output_of_the_paper_path_exists_and_is_well_formed(real_run):
     assert claims["claim"].str.contains(r"\[0, 255\] pixels").sum() == 2  # 14.69 vs 23.95 on the paper's scale
     log = real_run.path("logs/data/photo_shard.log").read_text()
     assert "hand-drawn boxes, not human data" in log
+
+
+def test_the_numbers_of_the_results_doc_are_the_runs(real_run):
+    """docs/results.md quotes this run: each quoted number is recomputed from its files."""
+    table = pd.read_csv(real_run.path("results/stats/model_attack_table.csv"))
+    pgd = table[table["attack"] == "pgd_l2"].set_index("model").loc[["efficientnet_lite0", "efficientnet_lite1",
+                                                                       "efficientnet_lite2"]]  # fmt: skip
+    eps = {a: pd.concat([pd.read_parquet(real_run.path(f"results/attacks/{a}/{m}.parquet")) for m in pgd.index])
+           for a in ("pgd_l2", "pgd_linf")}  # fmt: skip
+    eps = {a: t.loc[t["success"], "epsilon"] for a, t in eps.items()}
+    attacked = set(pgd["n_attacked"])
+    quoted = [
+        f"each model's top-1 matched {attacked.pop()} of the {int(pgd['n_stimuli'].iloc[0])} photos",
+        f"minimal ℓ2 ε ran from {eps['pgd_l2'].min():.2g} to {eps['pgd_l2'].max():.2g} and ℓ∞ ε from "
+        f"{eps['pgd_linf'].min():.2g} to {eps['pgd_linf'].max():.2g}".replace("e-06", "e-6"),
+        "The ℓ2 tolerance was " + " / ".join(f"{v:.3f}" for v in pgd["tolerance"]),
+        "which is " + " / ".join(f"{v:.1f}" for v in pgd["tolerance_255"]) + " on the paper's [0, 255]",
+    ]
+    assert not attacked  # every model attacked the same photos
+    doc = " ".join((REPO / "docs" / "results.md").read_text().split())
+    missing = [q for q in quoted if q not in doc]
+    assert not missing, f"docs/results.md does not say what the run gives: {missing}"
 
 
 def test_imported_models_predict_the_hand_fixed_labels(real_run):
