@@ -43,6 +43,10 @@ ARCHS = {
 TOLERANCE = 1e-4  # max |logit difference| / max |Keras logit|
 
 
+# Every test here reads files that TensorFlow writes first (about a minute): not in make test-fast.
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="session")
 def release_like(tmp_path_factory) -> Path:
     """The seven Keras files with random weights, and Keras's logits (one TensorFlow process)."""
