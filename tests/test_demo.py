@@ -167,7 +167,12 @@ def _normalised(text: str) -> str:
 
 
 def test_the_numbers_of_the_results_doc_are_the_runs(demo_run):
-    """docs/results.md quotes the demo; each quoted number is recomputed from this run's files."""
+    """docs/results.md and the README quote the demo; each quoted number is recomputed from this
+    run's files."""
     doc = _normalised((REPO / "docs" / "results.md").read_text())
     missing = [n for n in results_doc_numbers(demo_run.path) if _normalised(n) not in doc]
     assert not missing, f"docs/results.md does not say what the run gives: {missing}"
+    claims = pd.read_csv(demo_run.path("results/tables/claims.csv"))
+    validation = _claim(claims, "validation: rho(measured part reliance")["recomputed_value"]
+    readme = _normalised((REPO / "README.md").read_text())
+    assert f"Spearman ρ(part reliance, ℓ2-PGD alignment) = {validation:.2f}" in readme
