@@ -170,7 +170,8 @@ def test_the_numbers_of_the_results_doc_are_the_runs(demo_run):
     """docs/results.md and the README quote the demo; each quoted number is recomputed from this
     run's files."""
     doc = _normalised((REPO / "docs" / "results.md").read_text())
-    missing = [n for n in results_doc_numbers(demo_run.path) if _normalised(n) not in doc]
+    numbers = results_doc_numbers(lambda path: demo_run.path(f"results/{path}"))
+    missing = [n for n in numbers if _normalised(n) not in doc]
     assert not missing, f"docs/results.md does not say what the run gives: {missing}"
     claims = pd.read_csv(demo_run.path("results/tables/claims.csv"))
     validation = _claim(claims, "validation: rho(measured part reliance")["recomputed_value"]
