@@ -203,11 +203,13 @@ def test_editing_figure_code_replots_only_the_figures(tiny_run, tmp_path):
     assert_only(result, [], FIGURE_RULES | {"all"})
 
 
-def test_editing_attack_code_reruns_every_attack_and_what_follows(tiny_run, tmp_path):
-    with edited(tiny_run, "src/advalign/attacks/pgd.py", _code_edit):
-        result = plan(tiny_run, tmp_path)
-    expected = [("attack", m, a) for a in tiny_config(tiny_run)["attacks"]["enabled"] for m in attacked_models(tiny_run, a)]
-    assert_only(result, expected, AGGREGATE_RULES)  # no training job
+def test_editing_attack_code_reruns_the_attacks_it_runs_and_what_follows(tiny_run, tmp_path):
+    """search.py runs both PGD attacks, not CW; job.py runs every attack."""
+    for module, attacks in (("search.py", ("pgd_l2", "pgd_linf")), ("job.py", tiny_config(tiny_run)["attacks"]["enabled"])):
+        with edited(tiny_run, f"src/advalign/attacks/{module}", _code_edit):
+            result = plan(tiny_run, tmp_path)
+        expected = [("attack", m, a) for a in attacks for m in attacked_models(tiny_run, a)]
+        assert_only(result, expected, AGGREGATE_RULES)  # no training job
     reason = re.search(r"reason: (.*)", result.output[result.output.index("rule attack:") :]).group(1)
     assert "Params have changed" in reason, reason
 

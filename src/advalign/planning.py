@@ -88,14 +88,16 @@ class Plan:
                                 frozenset(exclude))  # fmt: skip
 
     def attack_code_version(self, attack: str) -> str:
-        """An attack job's fingerprint counts its own attack's module, not the other attacks':
-        editing cw.py reruns the CW jobs, not the PGD ones."""
-        from .attacks import get_attack, registered_attacks
+        """An attack job's fingerprint counts its own attack's module (and what it imports) and
+        the job's own code, not the other attacks': editing cw.py reruns the CW jobs, editing
+        search.py the PGD jobs, not the CW ones."""
+        from .attacks import get_attack
         from .provenance import plugin_exclusions
 
         package = Path(self.basedir) / "src" / "advalign"
-        own = get_attack(attack).module
-        return self.code_version("attack.py", plugin_exclusions(own, {a.module for a in registered_attacks()}, package))
+        modules = {f"advalign.attacks.{p.stem}" for p in (package / "attacks").glob("*.py") if p.name != "__init__.py"}
+        exclude = plugin_exclusions(get_attack(attack).module, modules, package, shared=("advalign.attacks.job",))
+        return self.code_version("attack.py", exclude)
 
     # -- attacks -------------------------------------------------------------------------
 

@@ -95,6 +95,13 @@ def package_modules(script: Path, package_dir: Path, exclude: frozenset[str] = f
     """{module name: file} of every package module ``script`` imports, transitively, leaving out
     the modules in ``exclude`` (and what only they import)."""
     pending = _imported_modules(_parse(Path(script))[1], "__script__", False)
+    return _walk(pending, package_dir, exclude)
+
+
+def _walk(pending: set[str], package_dir: Path, exclude: frozenset[str] = frozenset(),
+          parents: bool = True) -> dict[str, Path]:  # fmt: skip
+    """{module name: file} of the modules in ``pending`` and of what they import, transitively
+    (and, with ``parents``, the packages whose __init__ importing them runs)."""
     modules: dict[str, Path] = {}
     while pending:
         name = pending.pop()
@@ -110,7 +117,7 @@ def package_modules(script: Path, package_dir: Path, exclude: frozenset[str] = f
             pending |= {f"{name}.{p.stem}" for p in path.parent.glob("*.py") if p.name != "__init__.py"}
         # Importing a.b.c runs the __init__ of a and a.b too.
         parent = name.rpartition(".")[0]
-        if parent:
+        if parent and parents:
             pending.add(parent)
     return modules
 
@@ -120,18 +127,20 @@ def _code_digest(path: Path) -> str:
 
 
 def module_closure(module: str, package_dir: str | Path) -> set[str]:
-    """``module`` and every package module it imports, transitively."""
-    path = _module_file(Path(package_dir), module)
-    if path is None:
-        return set()
-    return {module, *package_modules(path, Path(package_dir))}
+    """``module`` and every package module it imports, transitively (not the packages above it,
+    whose __init__ a plugin package's discovery would turn into every plugin)."""
+    return set(_walk({module}, Path(package_dir), parents=False))
 
 
-def plugin_exclusions(own: str, plugins, package_dir: str | Path) -> frozenset[str]:
-    """The plugin modules (e.g. the attack modules a package discovers) that are not ``own``'s
-    code: all of ``plugins`` except ``own`` and what it imports. A job that runs one plugin
-    is then fingerprinted without the others (``code_fingerprint(..., exclude=...)``)."""
-    return frozenset(set(plugins) - module_closure(own, package_dir))
+def plugin_exclusions(own: str, plugins, package_dir: str | Path, shared=()) -> frozenset[str]:
+    """The modules of a plugin package (e.g. every module of advalign.attacks) that are not the
+    code of a job running plugin ``own``: all of ``plugins`` except ``own``, the ``shared`` modules
+    every such job runs (e.g. advalign.attacks.job), and what those import. A job that runs one
+    plugin is then fingerprinted without the others (``code_fingerprint(..., exclude=...)``)."""
+    keep = module_closure(own, package_dir)
+    for module in shared:
+        keep |= module_closure(module, package_dir)
+    return frozenset(set(plugins) - keep)
 
 
 @lru_cache(maxsize=None)
