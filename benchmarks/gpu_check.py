@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from attack_speed import count_flops, peak_tflops  # noqa: E402
 
 from advalign.attacks import AttackedFunction, PGDConfig, minimal_epsilon_search  # noqa: E402
-from advalign.config import schema_defaults  # noqa: E402
+from advalign.schema import schema_defaults  # noqa: E402
 from advalign.data.photos import photo_arrays, read_photo_table  # noqa: E402
 from advalign.harmonizer import harmonizer_terms  # noqa: E402
 from advalign.models import NormalizedModel, enable_double_backward  # noqa: E402

@@ -13,7 +13,8 @@ from pathlib import Path
 import yaml
 
 from .io import PipelineError
-from .schema import SCHEMA_PATH, _fill_defaults, _schema_file, schema_defaults  # noqa: F401 (re-exported)
+from .schema import SCHEMA_PATH, _fill_defaults, _schema_file
+
 
 def load_schema(path: str | Path = SCHEMA_PATH) -> dict:
     """The config schema, with the attacks section completed from the attack registry:

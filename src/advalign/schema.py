@@ -28,8 +28,7 @@ def schema_defaults(name: str, path: str | Path = SCHEMA_PATH) -> dict:
     """The defaults a ``$defs`` entry of the schema fills into an empty block (its properties'
     defaults, then its own ``default`` on top): the one place an attack's defaults are written."""
     root = _schema_file(Path(path).resolve())
-    node = _resolve(root["$defs"][name], root)
-    return _fill_defaults(copy.deepcopy(node.get("default", {})), node, root)
+    return _fill_defaults({}, root["$defs"][name], root)
 
 
 def _resolve(node: dict, root: dict) -> dict:
@@ -69,8 +68,6 @@ def _fill_defaults(value, node: dict, root: dict):
     return value
 
 
-
-
 def block_defaults(*path: str) -> dict:
     """The defaults the schema fills into an empty block at ``properties.<path>`` (e.g.
     ``block_defaults("training")``: every training key's default, written nowhere else)."""
@@ -78,5 +75,4 @@ def block_defaults(*path: str) -> dict:
     node = root
     for key in path:
         node = _resolve(node, root)["properties"][key]
-    node = _resolve(node, root)
-    return _fill_defaults(copy.deepcopy(node.get("default", {})), node, root)
+    return _fill_defaults({}, node, root)

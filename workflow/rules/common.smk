@@ -56,12 +56,21 @@ except PipelineError as exc:
     raise WorkflowError(str(exc)) from None
 
 # Job planning lives in the package (advalign.planning, plain functions that tests call
-# directly); these wrappers give the rules its answers under their familiar names.
+# directly); the rules call its methods under these names.
 PLAN = Plan(config, ZOO, Path(workflow.basedir))
 MODELS = PLAN.models
 ZOO_ROWS = PLAN.rows
 SYNTHETIC = PLAN.synthetic
-MISSING_DATA = PLAN.missing_data
+code_version = PLAN.code_version
+model_row = PLAN.model_row
+is_trained = PLAN.is_trained
+model_weights = PLAN.model_weights
+model_metrics = PLAN.model_metrics
+attack_models = PLAN.attack_models
+attack_outputs = PLAN.attack_outputs
+job_resource = PLAN.job_resource
+clickme_hand_placed = PLAN.clickme_hand_placed
+imagenet_source = PLAN.imagenet_source
 
 
 wildcard_constraints:
@@ -69,40 +78,8 @@ wildcard_constraints:
     attack="|".join(attack_names()),
 
 
-def code_version(script, exclude=frozenset()):
-    return PLAN.code_version(script, exclude)
-
-
 def attack_code_version(wildcards):
     return PLAN.attack_code_version(wildcards.attack)
-
-
-def model_row(model):
-    return PLAN.model_row(model)
-
-
-def is_trained(model):
-    return PLAN.is_trained(model)
-
-
-def model_weights(model):
-    return PLAN.model_weights(model)
-
-
-def trained_models():
-    return PLAN.trained_models()
-
-
-def model_metrics():
-    return PLAN.model_metrics()
-
-
-def attack_models(attack):
-    return PLAN.attack_models(attack)
-
-
-def attack_outputs(kind="parquet"):
-    return PLAN.attack_outputs(kind)
 
 
 def attack_params(wildcards):
@@ -113,20 +90,8 @@ def training_params(wildcards):
     return PLAN.training_params(wildcards.model)
 
 
-def job_resource(rule_name, key, synthetic_value):
-    return PLAN.job_resource(rule_name, key, synthetic_value)
-
-
-def training_data_inputs():
-    return PLAN.training_data_inputs()
-
-
 def training_inputs(wildcards):
     return PLAN.training_inputs(wildcards.model)
-
-
-def note_missing_data(rule_name, reason):
-    PLAN.note_missing_data(rule_name, reason)
 
 
 def stop_if_data_missing():
@@ -151,18 +116,6 @@ def stop_if_no_cores():
                 file=sys.stderr,
             )
             sys.exit(1)
-
-
-def clickme_shards(key, rule_name):
-    return PLAN.clickme_shards(key, rule_name)
-
-
-def clickme_hand_placed(split):
-    return PLAN.clickme_hand_placed(split)
-
-
-def imagenet_source(split):
-    return PLAN.imagenet_source(split)
 
 
 def _planning(method, *args):

@@ -68,16 +68,15 @@ class Attack:
     # Called while planning when the attack is enabled: raises PipelineError if it cannot run here
     # (e.g. an optional library is missing).
     check_available: Callable[[], Any] | None = None
+    # The package module that declares it (default: where ``run`` is defined): the code of its
+    # jobs, beside the job's own (``advalign.provenance``).
+    declared_in: str = ""
 
     def __post_init__(self):
         if self.norm not in NORMS:
             raise ValueError(f"attack {self.name!r}: norm {self.norm!r} is not one of {NORMS}")
         if self.kind not in KINDS:
             raise ValueError(f"attack {self.name!r}: kind {self.kind!r} is not one of {KINDS}")
-
-    # The package module that declares it (default: where ``run`` is defined): the code of its
-    # jobs, beside the job's own (``advalign.provenance``).
-    declared_in: str = ""
 
     @property
     def module(self) -> str:

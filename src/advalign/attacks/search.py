@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..io import PipelineError
+from ..schema import schema_defaults
 from .function import AttackedFunction, batches, per_image
 from .registry import Attack, AttackResult
 
@@ -551,8 +552,6 @@ class MinimalEpsilon:
 
     @classmethod
     def from_block(cls, block: dict, make_attack, search_defaults: dict) -> "MinimalEpsilon":
-        from ..schema import schema_defaults
-
         values = {**schema_defaults("minimal_epsilon_search"), **search_defaults, **block}
         search = SearchConfig(**{key: values[key] for key in SEARCH_KEYS})
         return cls(search, make_attack({k: v for k, v in block.items() if k not in SEARCH_KEYS}))
