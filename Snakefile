@@ -15,6 +15,7 @@ include: "workflow/rules/weights.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/attack.smk"
 include: "workflow/rules/human_alignment.smk"
+include: "workflow/rules/attention.smk"
 include: "workflow/rules/stats.smk"
 include: "workflow/rules/figures.smk"
 

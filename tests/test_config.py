@@ -28,7 +28,7 @@ def test_default_config_is_valid_and_filled():
     assert cfg["attacks"]["pgd_l2"]["steps"] >= 1
     assert cfg["attacks"]["pgd_l2"]["step_rule"] in ("relative", "fixed")
     assert cfg["training"]["harmonizer"]["levels"] == 5
-    assert set(cfg["attacks"]["enabled"]) <= {"pgd_l2", "pgd_linf", "cw_l2"}
+    assert set(cfg["attacks"]["enabled"]) <= {"pgd_l2", "pgd_linf", "cw_l2", "autoattack"}
 
 
 @pytest.mark.parametrize(
@@ -137,7 +137,7 @@ BAD_OVERLAYS = {
         "attacks.overrides.levit_demo.cw_l2: cw_l2 is not run on levit_demo (it attacks 8 of the 28 models"),
     "override for an attack that is not enabled": (
         {"attacks": {"overrides": {"resnet_demo": {"fmn_l2": {"steps": 5}}}}},
-        "attacks.overrides.resnet_demo.fmn_l2: fmn_l2 is not in attacks.enabled (pgd_l2, pgd_linf, cw_l2)"),
+        "attacks.overrides.resnet_demo.fmn_l2: fmn_l2 is not in attacks.enabled (pgd_l2, pgd_linf, cw_l2, autoattack)"),
     "empty class list": ({"data": {"paper": {"stimuli": {"classes": []}}}},
                          "data.paper.stimuli.classes: [] is not valid (expected 'all' (the 1000 ImageNet classes) "
                          "or a non-empty list of class indices 0..999)"),

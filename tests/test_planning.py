@@ -24,7 +24,9 @@ def test_the_demo_attacks_every_model_and_cw_a_subset(demo):
     cw = demo.attack_models("cw_l2")
     assert 0 < len(cw) < len(demo.models) and set(cw) <= set(demo.models)
     assert demo.attack_models("fmn_l2") == []  # not enabled
-    assert len(demo.attack_outputs()) == 2 * 28 + len(cw)
+    assert demo.attack_models("autoattack") == demo.models  # the demo enables it on every model
+    assert len(demo.attack_outputs()) == 3 * 28 + len(cw)
+    assert demo.attention_outputs() == [f"results/attention/{m}.csv" for m in demo.models]
 
 
 def test_an_override_reaches_its_own_job_only(monkeypatch, tmp_path):

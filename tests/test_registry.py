@@ -149,11 +149,13 @@ for attack in ("toy_step_l2", "toy_l2"):
 
 
 def test_the_paper_attacks_and_figures_come_from_the_registries():
-    # The paper's three first, then the optional minimal-norm references (advalign.attacks.references).
-    assert attack_names() == ("pgd_l2", "pgd_linf", "cw_l2", "fmn_l2", "ddn_l2", "alma_l2", "apgd_l2")
-    assert [a.tolerance_column for a in registered_attacks()] == ["l2", "linf"] + ["l2"] * 5
-    assert [a.kind for a in registered_attacks()] == ["minimal_epsilon"] * 2 + ["minimal_norm"] * 5
-    assert [a.enabled_by_default for a in registered_attacks()] == [True] * 3 + [False] * 4
+    # The paper's three first, then AutoAttack (a related paper's fixed-eps measure), then the
+    # optional minimal-norm references (advalign.attacks.references).
+    assert attack_names() == ("pgd_l2", "pgd_linf", "cw_l2", "autoattack", "fmn_l2", "ddn_l2", "alma_l2", "apgd_l2")
+    assert [a.tolerance_column for a in registered_attacks()] == ["l2", "linf", "l2", "linf"] + ["l2"] * 4
+    assert [a.kind for a in registered_attacks()] == (["minimal_epsilon"] * 2 + ["minimal_norm", "fixed_epsilon"]
+                                                      + ["minimal_norm"] * 4)  # fmt: skip
+    assert [a.enabled_by_default for a in registered_attacks()] == [True] * 3 + [False] * 5
     schema = load_schema()["properties"]["attacks"]["properties"]
     assert schema["enabled"]["items"]["enum"] == list(attack_names())
     # Defaults live in the schema only: an empty block gives the attack's own config defaults.
@@ -161,7 +163,7 @@ def test_the_paper_attacks_and_figures_come_from_the_registries():
     assert get_attack("pgd_linf").config(config["attacks"]["pgd_linf"]) == get_attack("pgd_linf").config({})
     assert get_attack("pgd_linf").config({}).eps_max == 1.0 and get_attack("pgd_l2").config({}).eps_max == 10.0
     assert figure_names() == ("fig2", "fig3", "fig4", "fig5", "figS1", "figS2", "figS3", "figS4", "figS5", "figM1",
-                              "figV1", "figD1")
+                              "figV1", "figD1", "figA1", "figA2", "figA3")
     for figure in figures_of_kind("scatter") + figures_of_kind("qualitative"):
         assert (REPO / figure.caption).is_file(), figure.caption
         assert set(figure.attacks) <= set(attack_names())

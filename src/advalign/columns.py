@@ -29,6 +29,7 @@ Stage files
 ``results/data/conflict.npz``           synthetic only: CONFLICT_ARRAYS, the cue-conflict set
 ``results/stats/cue_reliance.csv``      synthetic only: RELIANCE_COLUMNS, one row per model
 ``results/human_alignment/{model}.csv``  HUMAN_ALIGNMENT_COLUMNS, one row per stimulus with a map
+``results/attention/{model}.csv``        ATTENTION_COLUMNS, one row per stimulus with a kept example
 ``results/stats/model_attack_table.csv``  MODEL_ATTACK_COLUMNS, one row per model x attack
 ``results/stats/tests.json``              list of TEST_KEYS dicts (every docs/methods.md §5 test)
 ``results/tables/claims.{csv,md}``        CLAIM_COLUMNS
@@ -182,6 +183,52 @@ MODEL_ATTACK_COLUMNS = (
     "human_dice",  # mean Dice of the two maps' top-10 % pixels, [0, 1]
     "human_iou",  # mean IoU of the same, [0, 1]
     "n_human",  # images with a defined rho (a human map and a non-constant saliency)
+    # AutoAttack at a fixed eps (advalign.attacks.autoattack; NaN where it did not run on the model):
+    "autoattack_accuracy",  # robust accuracy in percent of the attacked stimuli (clean errors count as broken)
+    "autoattack_eps",  # its eps on the [0, 1] pixel scale (x 255 for the paper's scale)
+    "autoattack_norm",  # linf | l2
+    "autoattack_n",  # stimuli it ran on
+    # Attention under attack (advalign.attention; Grad-CAM of the clean image and its minimal
+    # main-attack example; NaN where not measured):
+    "attention_deviation_k5",  # mean IoU of the top-5 Grad-CAM cells, clean vs attacked, [0, 1]
+    "attention_deviation_k10",
+    "attention_deviation_k20",
+    "attention_deviation_k30",
+    "attention_human_iou",  # mean IoU of the clean map's top cells with the human-marked region, area matched
+    "attention_tolerance_rho",  # Spearman rho over images: attention-human IoU vs l2 tolerance
+    "attention_tolerance_p",
+    "attention_layer",  # the Grad-CAM layer and its grid, e.g. "layer1 8x8"
+    "n_attention",  # images with both maps
+)
+ROBUSTNESS_IN_MODEL_TABLE = ("autoattack_accuracy", "autoattack_eps", "autoattack_norm", "autoattack_n")
+ATTENTION_IN_MODEL_TABLE = (
+    "attention_deviation_k5",
+    "attention_deviation_k10",
+    "attention_deviation_k20",
+    "attention_deviation_k30",
+    "attention_human_iou",
+    "attention_tolerance_rho",
+    "attention_tolerance_p",
+    "attention_layer",
+    "n_attention",
+)
+# Seed 004's top-k cells of the attention deviation.
+ATTENTION_TOP_K = (5, 10, 20, 30)
+# results/attention/{model}.csv (advalign.attention): one row per stimulus with a kept main-attack example.
+ATTENTION_COLUMNS = (
+    "image_id",
+    "label",
+    "success",  # the main attack fooled the model (its example is attacked)
+    "tolerance",  # the main attack's per-image l2 (NaN where not measured: failed or censored)
+    "adv_pred",  # the model's prediction on the kept example (the Grad-CAM target on it)
+    "deviation_k5",  # IoU of the top-k cells of the clean and attacked maps (NaN: k >= cells)
+    "deviation_k10",
+    "deviation_k20",
+    "deviation_k30",
+    "human_iou",  # IoU of the clean map's top cells with the human region's cells, area matched
+    "human_cells",  # k of that IoU: the human region's area in cells
+    "cells",  # cells of the Grad-CAM grid
+    "layer",
 )
 RELIANCE_IN_MODEL_TABLE = ("part_reliance", "accuracy_part_occluded", "accuracy_context_occluded")
 HUMAN_IN_MODEL_TABLE = ("human_alignment", "human_spearman", "human_dice", "human_iou", "n_human")

@@ -194,3 +194,28 @@ register_figure(Figure(
     DistributionSpec(values=(("l2", r"$\ell_2$ tolerance per image" + "\n" + r"($\ell_2$ distance, pixels in [0, 1])"),
                              ("alignment", "Adversarial alignment per image\n" + r"(Spearman $\rho_s$ with human map)"))),
 ))  # fmt: skip
+# Beyond the paper: the lenses of two related papers on the same zoo. AutoAttack robust accuracy
+# (attacks.autoattack, a fixed-eps attack; not enabled by default, and the figures say so until it
+# is) against the paper's two measures, and attention under attack (advalign.attention).
+ROBUST_ACCURACY = "AutoAttack robust accuracy (%)\n(fixed $\\epsilon$: see the note below)"
+_AUTOATTACK_OFF = "AutoAttack runs only when autoattack is in attacks.enabled"
+_scatter(
+    "figA1", "Related lens: AutoAttack robust accuracy vs adversarial alignment",
+    Axis(MAIN_ATTACK, "alignment", "alignment_se", ALIGNMENT),
+    Axis(MAIN_ATTACK, "autoattack_accuracy", None, ROBUST_ACCURACY),
+    "all", "plotted", arrows=True, unavailable=_AUTOATTACK_OFF,
+)  # fmt: skip
+_scatter(
+    "figA2", r"Related lens: AutoAttack robust accuracy vs $\ell_2$-PGD tolerance",
+    Axis(MAIN_ATTACK, "tolerance", "tolerance_se", L2_TOL),
+    Axis(MAIN_ATTACK, "autoattack_accuracy", None, ROBUST_ACCURACY),
+    "all", "plotted", arrows=True, unavailable=_AUTOATTACK_OFF,
+)  # fmt: skip
+_scatter(
+    "figA3", "Related lens: attention under attack (Grad-CAM)",
+    Axis(MAIN_ATTACK, "attention_human_iou", None,
+         "Clean attention on the human-marked region\n(IoU of Grad-CAM top cells, area matched)"),
+    Axis(MAIN_ATTACK, "attention_deviation_k10", None,
+         "Attention kept under the minimal attack\n(IoU of top-10 Grad-CAM cells, clean vs attacked)"),
+    "all", "plotted", arrows=True, unavailable="attention.enabled is false, or the main attack kept no examples",
+)  # fmt: skip

@@ -29,9 +29,9 @@ import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from .columns import ARCH_CLASSES, CLASS_COLUMNS, EXAMPLE_ARRAYS, MAIN_ATTACK  # noqa: E402
+from .columns import ARCH_CLASSES, CLASS_COLUMNS, MAIN_ATTACK  # noqa: E402
 from .figure_registry import ScatterSpec, get_figure  # noqa: E402
-from .io import PipelineError, atomic_path, require_file  # noqa: E402
+from .io import PipelineError, atomic_path, load_examples, require_file  # noqa: E402
 from .metrics import perturbation_map  # noqa: E402
 from .stats import (  # noqa: E402
     BOOTSTRAP_RESAMPLES,
@@ -290,6 +290,17 @@ def _precision_note(spec: ScatterSpec, table: pd.DataFrame, data: pd.DataFrame) 
         censored = int(rows["n_censored"].sum())
         notes.append(f"{attack}: {searches}; {censored} censored image(s) (fooled at the lower bound) "
                      "left out of tolerances")
+    values = {spec.x.value, spec.y.value}
+    if "autoattack_accuracy" in values:
+        rows = table[table["model"].isin(data.index)].drop_duplicates("model")
+        for (norm, eps), group in rows.groupby(["autoattack_norm", "autoattack_eps"]):
+            scale = f"{eps:.4g} ({eps * 255:.3g}/255)" if norm == "linf" else f"{eps:.4g}"
+            notes.append(f"AutoAttack: robust accuracy at {norm} eps {scale} on {int(group['autoattack_n'].max())} "
+                         "stimuli, clean errors counted as broken")
+    if values & {"attention_human_iou", "attention_deviation_k10"}:
+        rows = table[table["model"].isin(data.index)].drop_duplicates("model")
+        notes.append(f"Grad-CAM grids: {', '.join(sorted(rows['attention_layer'].astype(str).str.split().str[-1].unique()))} "
+                     f"cells; IoUs in [0, 1] over the fooled kept examples")
     return "Pixels in [0, 1] (x 255 for the paper's scale). " + " | ".join(notes)
 
 
@@ -389,28 +400,6 @@ def _examples_index(example_paths, attack: str = MAIN_ATTACK) -> dict[str, Path]
         if path.parent.name == attack:
             index[path.stem] = path
     return index
-
-
-def load_examples(path) -> dict:
-    path = require_file(path, "example perturbations")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in npz.files}
-    except (ValueError, OSError) as exc:
-        raise PipelineError(f"{path}: not a readable NPZ file ({exc})") from None
-    missing = [k for k in EXAMPLE_ARRAYS if k not in arrays]
-    if missing:
-        raise PipelineError(f"{path}: missing array(s) {', '.join(missing)}")
-    k = len(arrays["image_ids"])
-    shapes = {key: arrays[key].shape for key in EXAMPLE_ARRAYS}
-    if any(shape[0] != k for shape in shapes.values()) or arrays["perturbations"].ndim != 4 or arrays["maps"].ndim != 3:
-        raise PipelineError(f"{path}: inconsistent example array shapes {shapes}")
-    same_size = arrays["perturbations"].shape[1:3] == arrays["maps"].shape[1:]
-    if not same_size or arrays["images"].shape != arrays["perturbations"].shape:
-        raise PipelineError(f"{path}: images, maps and perturbations differ in size {shapes}")
-    arrays["image_ids"] = arrays["image_ids"].astype(str)
-    arrays["row"] = {image_id: i for i, image_id in enumerate(arrays["image_ids"])}
-    return arrays
 
 
 def _as_bool(values: pd.Series) -> pd.Series:

@@ -198,3 +198,28 @@ def resolve_source_path(spec: str, where: str, what: str = "file") -> Path:
         raise PipelineError(f"{where}: {what} {spec!r} not found ({path})")
     return path
 
+
+def load_examples(path) -> dict:
+    """An attack's kept examples (columns.EXAMPLE_ARRAYS), checked, with ``row``: image id -> index."""
+    from .columns import EXAMPLE_ARRAYS
+    import numpy as np
+
+    path = require_file(path, "example perturbations")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except (ValueError, OSError) as exc:
+        raise PipelineError(f"{path}: not a readable NPZ file ({exc})") from None
+    missing = [k for k in EXAMPLE_ARRAYS if k not in arrays]
+    if missing:
+        raise PipelineError(f"{path}: missing array(s) {', '.join(missing)}")
+    k = len(arrays["image_ids"])
+    shapes = {key: arrays[key].shape for key in EXAMPLE_ARRAYS}
+    if any(shape[0] != k for shape in shapes.values()) or arrays["perturbations"].ndim != 4 or arrays["maps"].ndim != 3:
+        raise PipelineError(f"{path}: inconsistent example array shapes {shapes}")
+    same_size = arrays["perturbations"].shape[1:3] == arrays["maps"].shape[1:]
+    if not same_size or arrays["images"].shape != arrays["perturbations"].shape:
+        raise PipelineError(f"{path}: images, maps and perturbations differ in size {shapes}")
+    arrays["image_ids"] = arrays["image_ids"].astype(str)
+    arrays["row"] = {image_id: i for i, image_id in enumerate(arrays["image_ids"])}
+    return arrays

@@ -133,6 +133,23 @@ class Plan:
             "seed": self.config["seed"],
         }
 
+    # -- attention under attack ------------------------------------------------------------
+
+    def attention_models(self) -> list[str]:
+        """Models whose attention under attack is measured (advalign.attention): those the main
+        attack runs on, when attention.enabled; it reads their kept main-attack examples."""
+        from .columns import MAIN_ATTACK
+
+        if not self.config["attention"]["enabled"]:
+            return []
+        if self.config["attacks"]["keep_examples"] < 1:
+            raise PipelineError("attention.enabled needs attacks.keep_examples >= 1: its images are the main "
+                                f"attack's ({MAIN_ATTACK}) kept examples; set attention.enabled: false or keep examples")
+        return self.attack_models(MAIN_ATTACK)
+
+    def attention_outputs(self) -> list[str]:
+        return [f"results/attention/{m}.csv" for m in self.attention_models()]
+
     # -- training ------------------------------------------------------------------------
 
     def training_params(self, model: str) -> dict:

@@ -43,11 +43,13 @@ from scipy import stats as sps
 
 from .columns import (
     ARCH_CLASSES,
+    ATTENTION_IN_MODEL_TABLE,
     MAIN_ATTACK,
     ATTACK_COLUMNS,
     HUMAN_IN_MODEL_TABLE,
     MODEL_ATTACK_COLUMNS,
     RELIANCE_IN_MODEL_TABLE,
+    ROBUSTNESS_IN_MODEL_TABLE,
     TEST_KEYS,
     TRAINING_KINDS,
 )
@@ -268,17 +270,59 @@ def _read_human_alignment(paths, zoo) -> dict[str, dict]:
     return found
 
 
+def summarize_fixed_epsilon(frame: pd.DataFrame, norm: str) -> dict:
+    """ROBUSTNESS_IN_MODEL_TABLE of a fixed-ε attack's table (AutoAttack): robust accuracy in
+    percent of the stimuli it ran on, an image counting as robust when it was classified
+    correctly and not broken (AutoAttack's and RobustBench's robust accuracy)."""
+    robust = frame["attacked"] & ~frame["success"]
+    eps = frame.loc[frame["success"], "epsilon"]
+    search = str(frame["search"].iloc[0])
+    return {
+        "autoattack_accuracy": 100.0 * float(robust.mean()),
+        "autoattack_eps": float(eps.iloc[0]) if len(eps) else _eps_from_search(search),
+        "autoattack_norm": norm,
+        "autoattack_n": int(len(frame)),
+    }
+
+
+def _eps_from_search(search: str) -> float:
+    """The ε of a fixed-ε attack no image broke, from its description (".. eps 4/255")."""
+    text = search.rsplit("eps ", 1)[-1].strip()
+    try:
+        return float(text[:-4]) / 255 if text.endswith("/255") else float(text)
+    except ValueError:
+        return math.nan
+
+
+def _read_attention(paths, zoo) -> dict[str, dict]:
+    """model -> ATTENTION_IN_MODEL_TABLE values, from results/attention/{model}.csv."""
+    from .attention import read_attention, summarize_attention
+
+    found = {}
+    for path in paths or []:
+        model = Path(path).stem
+        if model not in zoo:
+            raise PipelineError(f"{path}: model {model!r} is not in the zoo")
+        found[model] = summarize_attention(read_attention(path))
+    return found
+
+
 def build_model_table(zoo_rows: list[dict], attack_paths: list[str], metrics_paths: list[str],
-                      reliance_path=None, human_paths=None) -> pd.DataFrame:  # fmt: skip
+                      reliance_path=None, human_paths=None, attention_paths=None) -> pd.DataFrame:  # fmt: skip
     """One row per model x attack present (MODEL_ATTACK_COLUMNS), in zoo order then attack order.
 
     Accuracy is the pipeline's held-out accuracy where the model was trained here
     (metrics.json), else the zoo's published top-1; both in percent. ``reliance_path``
     (synthetic data): the measured cue reliance per model (advalign.reliance), else NaN.
     ``human_paths``: each model's per-image human feature alignment (advalign.human_alignment);
-    NaN for a model without one.
+    NaN for a model without one. A fixed-ε attack (AutoAttack) gives no row of its own: its
+    robust accuracy fills every row of its model (ROBUSTNESS_IN_MODEL_TABLE), and so does the
+    attention under attack of ``attention_paths`` (advalign.attention).
     """
+    from .attacks.registry import get_attack
+
     zoo = _check_zoo_rows(zoo_rows)
+    attention = _read_attention(attention_paths, zoo)
     accuracies = _read_accuracies(metrics_paths)
     reliance = _read_reliance(reliance_path)
     human = _read_human_alignment(human_paths, zoo)
@@ -288,12 +332,17 @@ def build_model_table(zoo_rows: list[dict], attack_paths: list[str], metrics_pat
     unknown = sorted(set(accuracies) - set(zoo))
     if unknown:
         raise PipelineError(f"metrics for model(s) not in the zoo: {', '.join(unknown)}")
-    records = []
+    records, robustness = [], {}
     for path in _attack_path_index(attack_paths).values():
         frame = read_attack_file(path)
         model = frame["model"].iloc[0]
         if model not in zoo:
             raise PipelineError(f"{path}: model {model!r} is not in the zoo")
+        attack = get_attack(frame["attack"].iloc[0])
+        if attack.fixed_epsilon:
+            spec_norm = "l2" if "l2 eps" in str(frame["search"].iloc[0]) else "linf"
+            robustness[model] = summarize_fixed_epsilon(frame, spec_norm)
+            continue
         row = zoo[model]
         accuracy = accuracies.get(model, _float_or_nan(row["top1"]))
         if math.isnan(accuracy):
@@ -312,11 +361,14 @@ def build_model_table(zoo_rows: list[dict], attack_paths: list[str], metrics_pat
                 **summarize_attack(frame),
                 **reliance.get(model, dict.fromkeys(RELIANCE_IN_MODEL_TABLE, math.nan)),
                 **human.get(model, dict.fromkeys(HUMAN_IN_MODEL_TABLE, math.nan)),
+                **attention.get(model, dict.fromkeys(ATTENTION_IN_MODEL_TABLE, math.nan)),
             }
         )
     table = pd.DataFrame(records, columns=list(MODEL_ATTACK_COLUMNS))
     if table.empty:
         return table
+    for column in ROBUSTNESS_IN_MODEL_TABLE:
+        table[column] = table["model"].map(lambda m: robustness.get(m, {}).get(column, math.nan))
     zoo_order = {m: i for i, m in enumerate(zoo)}
     from .attacks.registry import attack_names
 
@@ -709,6 +761,47 @@ def _human_alignment_tests(table) -> list[dict]:
                           "l2-PGD alignment (mean Spearman rho)")]  # fmt: skip
 
 
+ROBUST_ACCURACY_LABEL = "AutoAttack robust accuracy (%)"
+EVERY_MODEL = "every model with both measures"
+
+
+def _related_lens_tests(table) -> list[dict]:
+    """Beyond the paper, the lenses of two related papers (docs/methods.md §11): how AutoAttack
+    robust accuracy relates to the paper's alignment and tolerance over the zoo, and attention
+    under attack (Grad-CAM) per image."""
+    tests = []
+    if table["autoattack_accuracy"].isna().all():
+        reason = "AutoAttack did not run (autoattack is not in attacks.enabled)"
+        tests += [_result(name, "spearman", model_set=EVERY_MODEL, reason=reason)
+                  for name in ("rho_autoattack_alignment", "rho_autoattack_tolerance")]  # fmt: skip
+    else:
+        robust = scores(table, MAIN_ATTACK, "autoattack_accuracy")
+        tests += [
+            spearman_test("rho_autoattack_alignment", robust, scores(table, MAIN_ATTACK, "alignment"), EVERY_MODEL,
+                          ROBUST_ACCURACY_LABEL, "l2-PGD alignment (mean Spearman rho)"),
+            spearman_test("rho_autoattack_tolerance", robust, scores(table, MAIN_ATTACK, "tolerance"), EVERY_MODEL,
+                          ROBUST_ACCURACY_LABEL, "l2-PGD tolerance (mean l2, pixels in [0, 1])"),
+        ]  # fmt: skip
+    rows = table[table["attack"] == MAIN_ATTACK].set_index("model")
+    per_model = rows["attention_tolerance_rho"].dropna()
+    detail = {"model_set": "every model with a per-image rho(attention-human IoU, l2 tolerance)",
+              "rho_by_model": {m: float(v) for m, v in per_model.items()}}  # fmt: skip
+    if len(per_model) < MIN_MODELS_FOR_RHO:
+        tests.append(_result("attention_incomplete_easier_to_fool", "wilcoxon", n=len(per_model),
+                             reason=f"needs at least {MIN_MODELS_FOR_RHO} models with attention", **detail))
+    else:
+        p_value = float(sps.wilcoxon(per_model.to_numpy()).pvalue) if per_model.nunique() > 1 else math.nan
+        detail["n_positive"] = int((per_model > 0).sum())
+        tests.append(_result("attention_incomplete_easier_to_fool", "wilcoxon", float(per_model.median()),
+                             p_value=p_value, n=len(per_model), **detail))
+    deviation = rows["attention_deviation_k10"].dropna()
+    tests.append(_result("attention_deviation_k10", "descriptive",
+                         float(deviation.median()) if len(deviation) else math.nan, n=len(deviation),
+                         model_set="every model with fooled kept examples", statistic_is="median over models",
+                         by_model={m: float(v) for m, v in deviation.items()}))  # fmt: skip
+    return tests
+
+
 def run_tests(table: pd.DataFrame, attack_paths) -> list[dict]:
     """Every test of docs/methods.md §5, as dicts with TEST_KEYS. Too few models gives NaN with a reason, never an error."""
     table = prepare_table(table)
@@ -722,6 +815,7 @@ def run_tests(table: pd.DataFrame, attack_paths) -> list[dict]:
     tests += _descriptive_tests(table)
     tests += _validation_tests(table)
     tests += _human_alignment_tests(table)
+    tests += _related_lens_tests(table)
     for test in tests:
         if test["detail"].get("reason"):
             log.warning("%s: not computed (%s)", test["name"], test["detail"]["reason"])

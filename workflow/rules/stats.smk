@@ -10,6 +10,8 @@ rule model_table:
         metrics=model_metrics(),
         # every model's human feature alignment (rule human_alignment, Table S2's measure)
         human=[f"results/human_alignment/{m}.csv" for m in MODELS],
+        # attention under attack of every model the main attack runs on (rule attention)
+        attention=PLAN.attention_outputs(),
         # synthetic data: the measured cue reliance of every model (rule cue_reliance)
     output:
         report(

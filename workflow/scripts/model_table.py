@@ -7,7 +7,8 @@ from advalign.stats import build_model_table
 
 def main(smk):
     table = build_model_table(smk.params.zoo, attack_paths=list(smk.input.attacks), metrics_paths=list(smk.input.metrics),
-                              reliance_path=smk.input.get("reliance"), human_paths=list(smk.input.get("human", [])))  # fmt: skip
+                              reliance_path=smk.input.get("reliance"), human_paths=list(smk.input.get("human", [])),
+                              attention_paths=list(smk.input.get("attention", [])))  # fmt: skip
     write_table(table, smk.output[0])
 
 

@@ -136,6 +136,8 @@ def _attack_chunk(fn, attack, config, stimuli, data_config, start, stop, job, pr
         "alignment": np.full(n, np.nan),
         "grad_evals": np.zeros(n, dtype=np.int64),
     }
+    for name in attack.extra_columns:
+        columns[name] = np.full(n, "", dtype=object)
     perturbation = torch.zeros(x_cpu.shape, dtype=torch.float32)
     if len(rows):
         idx = torch.as_tensor(rows, device=fn.device)
@@ -149,6 +151,8 @@ def _attack_chunk(fn, attack, config, stimuli, data_config, start, stop, job, pr
         columns["adv_pred"][rows] = result.adv_pred
         columns["epsilon"][rows] = result.epsilon
         columns["grad_evals"][rows] = result.grad_evals
+        for name in attack.extra_columns:
+            columns[name][rows] = result.extra[name]
         if len(good):
             delta = perturbation[good].double().flatten(1)
             columns["l2"][good] = delta.norm(p=2, dim=1).numpy()
@@ -160,6 +164,7 @@ def _attack_chunk(fn, attack, config, stimuli, data_config, start, stop, job, pr
                 )
 
     chunk = {k: np.asarray(columns[k], dtype=_COLUMN_DTYPES[k]) for k in _PER_IMAGE_COLUMNS}
+    chunk.update({k: np.asarray(columns[k]).astype(str) for k in attack.extra_columns})  # no pickles in a chunk
     keep = max(0, min(job["keep_examples"], stop) - start)
     chunk["kept_perturbations"] = perturbation[:keep].permute(0, 2, 3, 1).numpy().astype(np.float16)
     return chunk
@@ -260,7 +265,8 @@ def run_attack_job(
     batch_size = job["batch_size"]
     bar = tqdm(total=len(bounds), desc=f"{attack.name} {row['model']}", file=sys.stderr, disable=not progress)
     for number, (start, stop) in enumerate(bounds):
-        chunk = store.load(number, start, stop, expected=(*_PER_IMAGE_COLUMNS, "kept_perturbations"))
+        chunk = store.load(number, start, stop,
+                           expected=(*_PER_IMAGE_COLUMNS, *attack.extra_columns, "kept_perturbations"))  # fmt: skip
         if chunk is None:
             chunk, batch_size = _attack_chunk_fitting(fn, attack, config, stimuli, data_config, start, stop,
                                                       {**job, "batch_size": batch_size}, progress)  # fmt: skip
@@ -273,7 +279,8 @@ def run_attack_job(
     if resumed:
         log.info("resumed %d finished chunk(s) from %s", resumed, store.directory)
 
-    table = _assemble_table(chunks, stimuli["ids"], row["model"], attack.name, fn.precision, config.describe())
+    table = _assemble_table(chunks, stimuli["ids"], row["model"], attack.name, fn.precision, config.describe(),
+                            attack.extra_columns)  # fmt: skip
     keep = min(job["keep_examples"], n)
     x_kept, maps_kept = model_view(stimuli["images"][:keep], stimuli["maps"][:keep], data_config)
     examples = {
@@ -295,7 +302,8 @@ def run_attack_job(
     )  # fmt: skip
 
 
-def _assemble_table(chunks: list[dict], ids: np.ndarray, model: str, attack: str, precision: str, search: str):
+def _assemble_table(chunks: list[dict], ids: np.ndarray, model: str, attack: str, precision: str, search: str,
+                    extra_columns=()):  # fmt: skip
     import pandas as pd
 
     columns = {"image_id": pd.Series(ids, dtype=object).astype(str)}
@@ -306,5 +314,7 @@ def _assemble_table(chunks: list[dict], ids: np.ndarray, model: str, attack: str
     columns["attack"] = [attack] * n
     columns["precision"] = [precision] * n
     columns["search"] = [search] * n
+    for name in extra_columns:
+        columns[name] = np.concatenate([c[name] for c in chunks]).astype(str).astype(object)
     table = pd.DataFrame(columns)
-    return table[list(ATTACK_COLUMNS)]
+    return table[[*ATTACK_COLUMNS, *extra_columns]]

@@ -18,7 +18,7 @@ which models and images it is run on. The package imports every module in it
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..io import PipelineError
@@ -28,7 +28,9 @@ if TYPE_CHECKING:  # planning reads the registry without importing torch
     import torch
 
 NORMS = ("l2", "linf")
-KINDS = ("minimal_epsilon", "minimal_norm")
+# minimal_epsilon: a fixed-ε attack searched over ε; minimal_norm: minimises the norm itself;
+# fixed_epsilon: run once at a fixed ε, measuring robust accuracy (no tolerance).
+KINDS = ("minimal_epsilon", "minimal_norm", "fixed_epsilon")
 
 
 @dataclass
@@ -43,6 +45,8 @@ class AttackResult:
     adv_pred: np.ndarray  # int64 [N]: prediction on the kept example (on the upper-bound attack for failures)
     grad_evals: np.ndarray  # int64 [N]: forward+backward passes spent on the image
     trials: np.ndarray  # int64 [N]: attacks run (each followed by one forward pass to judge it)
+    # The attack's own per-image columns (Attack.extra_columns), e.g. AutoAttack's broken_by.
+    extra: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,7 @@ class Attack:
 
     name: str  # config key and {attack} wildcard, e.g. "pgd_l2"
     norm: str  # "l2" | "linf": the distance its epsilon and tolerance are measured in
-    kind: str  # "minimal_epsilon": a fixed-ε attack searched over ε; "minimal_norm": minimises the norm itself
+    kind: str  # one of KINDS
     title: str  # short label for figures and logs, e.g. "l2 PGD"
     reference: str  # the paper it implements
     epsilon: str  # what the attack table's epsilon column holds for this attack
@@ -71,6 +75,8 @@ class Attack:
     # The package module that declares it (default: where ``run`` is defined): the code of its
     # jobs, beside the job's own (``advalign.provenance``).
     declared_in: str = ""
+    # Per-image columns of its own, after columns.ATTACK_COLUMNS in its table (AttackResult.extra).
+    extra_columns: tuple = ()
 
     def __post_init__(self):
         if self.norm not in NORMS:
@@ -81,6 +87,11 @@ class Attack:
     @property
     def module(self) -> str:
         return self.declared_in or self.run.__module__
+
+    @property
+    def fixed_epsilon(self) -> bool:
+        """Run at one ε: its table gives robust accuracy, not a tolerance (advalign.stats)."""
+        return self.kind == "fixed_epsilon"
 
     @property
     def tolerance_column(self) -> str:
