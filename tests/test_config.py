@@ -135,6 +135,9 @@ BAD_OVERLAYS = {
     "override for a model the attack does not run on": (
         {"attacks": {"overrides": {"levit_demo": {"cw_l2": {"steps": 5}}}}},
         "attacks.overrides.levit_demo.cw_l2: cw_l2 is not run on levit_demo (it attacks 8 of the 28 models"),
+    "AutoAttack component the version lacks": (
+        {"attacks": {"autoattack": {"components": ["apgd-dlr"]}}},
+        "attacks.autoattack: components: apgd-dlr not in the standard version's apgd-ce, apgd-t, fab-t, square"),
     "override for an attack that is not enabled": (
         {"attacks": {"overrides": {"resnet_demo": {"fmn_l2": {"steps": 5}}}}},
         "attacks.overrides.resnet_demo.fmn_l2: fmn_l2 is not in attacks.enabled (pgd_l2, pgd_linf, cw_l2, autoattack)"),

@@ -63,6 +63,74 @@ def test_every_robust_model_tolerates_more_than_its_base(pgd_l2):
         )
 
 
+def test_every_robust_model_has_a_higher_autoattack_accuracy_than_its_base(pgd_l2):
+    """The related paper's robustness measure agrees with the known answer: adversarial
+    training raises accuracy under AutoAttack (the demo's eps: 1/255 l_inf)."""
+    assert pgd_l2["autoattack_accuracy"].notna().all(), "AutoAttack did not run on every demo model"
+    for model, row in _derived(pgd_l2, "robust").iterrows():
+        base = pgd_l2.loc[row["base_model"]]
+        assert row["autoattack_accuracy"] > base["autoattack_accuracy"], (model, row["autoattack_accuracy"],
+                                                                          base["autoattack_accuracy"])  # fmt: skip
+
+
+def test_the_lenses_per_image_files_keep_their_contracts(demo_run, pgd_l2):
+    from advalign.attention import read_attention
+    from advalign.columns import ATTACK_COLUMNS, ATTENTION_TOP_K
+
+    for model in pgd_l2.index:
+        aa = pd.read_parquet(demo_run.path(f"results/attacks/autoattack/{model}.parquet"))
+        assert list(aa.columns) == [*ATTACK_COLUMNS, "broken_by"] and len(aa) == 100
+        assert set(aa.loc[aa["success"], "broken_by"]) <= {"apgd-ce", "apgd-t"}  # the demo's two components
+        assert (aa.loc[~aa["success"], "broken_by"] == "").all()
+        assert (aa.loc[aa["success"], "linf"] <= 1 / 255 + 1e-6).all()
+        robust = 100 * (aa["attacked"] & ~aa["success"]).mean()
+        assert pgd_l2.loc[model, "autoattack_accuracy"] == pytest.approx(robust)
+        attention = read_attention(demo_run.path(f"results/attention/{model}.csv"))
+        assert list(attention["image_id"]) == list(aa["image_id"])  # all 100 examples are kept on the demo
+        cells = attention["cells"].iloc[0]
+        side = int(attention["layer"].iloc[0].split()[-1].split("x")[0])
+        assert cells == side * side
+        for k in ATTENTION_TOP_K:
+            values = attention[f"deviation_k{k}"]
+            assert values[~attention["success"]].isna().all()
+            assert values.dropna().between(0, 1).all() and (values.notna().any() == (k < cells))
+        assert attention["human_iou"].dropna().between(0, 1).all() and attention["human_iou"].notna().sum() >= 90
+
+
+def test_autoattack_of_a_demo_model_equals_a_direct_library_call(demo_run, one_thread):
+    """The workflow's AutoAttack table of one demo model against torchattacks called directly on
+    the same images, chunk by chunk with the same seeds: equal robust counts."""
+    import numpy as np
+    import torch
+    import torchattacks
+
+    from advalign.attacks import image_key
+    from advalign.models import attacked_model
+    from advalign.stimulus_file import load_stimulus_file
+    from advalign.transforms import model_view
+
+    model = "resnet_demo_robust_eps4"
+    table = pd.read_parquet(demo_run.path(f"results/attacks/autoattack/{model}.parquet"))
+    net, meta = attacked_model(demo_run.path(f"results/models/{model}/weights.pt"), None)
+    stimuli = load_stimulus_file(demo_run.path("results/data/stimuli.npz"))
+    x, _ = model_view(stimuli["images"], stimuli["maps"], meta["data_config"])
+    y = torch.as_tensor(stimuli["labels"])
+    robust = 0
+    for start in range(0, 100, 25):  # the demo's chunk_size
+        xs, ys = x[start : start + 25], y[start : start + 25]
+        with torch.no_grad():
+            correct = (net(xs).argmax(1) == ys).numpy()
+        rows = np.flatnonzero(correct)
+        seed = image_key(0, "autoattack", start + int(rows[0])) % 2**31
+        library = torchattacks.AutoAttack(net, norm="Linf", eps=1 / 255, version="standard", n_classes=10, seed=seed)
+        components = torchattacks.MultiAttack(library._autoattack.attacks[:2])  # APGD-CE, APGD-T: the demo's
+        adv = components(xs[rows], ys[rows])
+        with torch.no_grad():
+            robust += int((net(adv).argmax(1) == ys[rows]).sum())
+    assert robust == int((table["attacked"] & ~table["success"]).sum())
+    assert 20 < robust < 100
+
+
 @pytest.fixture(scope="module")
 def tests_json(demo_run):
     return {t["name"]: t for t in json.loads(demo_run.path("results/stats/tests.json").read_text())}
@@ -159,7 +227,44 @@ def results_doc_numbers(results) -> list[str]:
         numbers.append(f"| {model} → harmonized / control | {base['accuracy']:.1f} → {harmonized['accuracy']:.1f} / "
                        f"{control['accuracy']:.1f} | {base['tolerance']:.3f} → {harmonized['tolerance']:.3f} / "
                        f"{control['tolerance']:.3f} |")  # fmt: skip
+    numbers += _lens_numbers(claims, pgd, results)
     return [n.replace("-", "−") if n.startswith(("ρ", "= **")) else n for n in numbers]
+
+
+def _lens_numbers(claims, pgd, results) -> list[str]:
+    """The related papers' lenses on the demo (docs/results.md, "Two more lenses")."""
+    import numpy as np
+
+    aa = pgd["autoattack_accuracy"]
+    weak_align = _claim(claims, "alignment and robustness correlate only weakly: rho(AutoAttack robust accuracy, adv")
+    weak_tol = _claim(claims, "alignment and robustness correlate only weakly: rho(AutoAttack robust accuracy, l2")
+    deviation = _claim(claims, "a fooling attack moves the attention")
+    incomplete = _claim(claims, "images with incomplete attention are easier to fool")
+    seen = _claim(claims, "reported: rho(measured part reliance, clean Grad-CAM")
+    positive = sum(rho > 0 for rho in pgd["attention_tolerance_rho"].dropna())
+    medians = []
+    for model in pgd.index[pgd["training"] == "standard"]:
+        linf = pd.read_parquet(results(f"attacks/pgd_linf/{model}.parquet"))
+        medians.append(255 * linf.loc[linf["success"] & ~linf["censored"], "linf"].median())
+    iou = pgd["attention_human_iou"]
+    return [
+        f"lies between {min(medians):.2f}/255 and {max(medians):.2f}/255, {np.median(medians):.2f}/255 their median",
+        f"Robust accuracies spread from {aa.min():.0f} % to {aa.max():.0f} %",
+        f"keep **{aa['resnet_demo_robust_eps2']:.0f} % and {aa['resnet_demo_robust_eps4']:.0f} %** under "
+        f"AutoAttack; their base keeps **{aa['resnet_demo']:.0f} %**",
+        f"ρ(robust accuracy, ℓ2 tolerance) = **{weak_tol['recomputed_value']:.2f}** (p = {_p(weak_tol['recomputed_p'])})",
+        f"ρ(robust accuracy, alignment) = **{weak_align['recomputed_value']:.2f}** "
+        f"(p = {_p(weak_align['recomputed_p'])})",
+        f"ResNet {aa['resnet_demo']:.0f} → {aa['resnet_demo_harmonized']:.0f} %, ConvNeXt {aa['convnext_demo']:.0f} → "
+        f"{aa['convnext_demo_harmonized']:.0f} %, ViT {aa['vit_demo']:.0f} → {aa['vit_demo_harmonized']:.0f} %",
+        f"top-10 Grad-CAM IoU is **{deviation['recomputed_value']:.2f}**",
+        f"has a median of **{incomplete['recomputed_value']:.2g}**, positive in {positive} of {len(pgd)} models "
+        f"(Wilcoxon p = {_p(incomplete['recomputed_p'])})",
+        f"ρ = **{seen['recomputed_value']:.2f}** (p = {_p(seen['recomputed_p'])})",
+        f"ResNet {iou['resnet_demo']:.3f} → {iou['resnet_demo_harmonized']:.3f} and ViT {iou['vit_demo']:.3f} → "
+        f"{iou['vit_demo_harmonized']:.3f}",
+        f"ConvNeXt, {iou['convnext_demo']:.3f} → {iou['convnext_demo_harmonized']:.3f}",
+    ]
 
 
 def _normalised(text: str) -> str:

@@ -63,7 +63,9 @@ def test_dry_run_plans_one_attack_per_model_and_attack(workdir, harmonized):
     assert (n_models, n_standard, n_released) == ((278, 263, 7) if harmonized == "released" else (285, 263, 0))
     cw = config["attacks"]["cw_l2"]
     expected = {
-        "attack": 2 * n_models + cw["n_cnn"] + cw["n_vit"],  # pgd_l2 + pgd_linf on all, CW on 50 + 50
+        # pgd_l2, pgd_linf and AutoAttack on all, CW on 50 + 50
+        "attack": 3 * n_models + cw["n_cnn"] + cw["n_vit"],
+        "attention": n_models,  # Grad-CAM of the kept l2-PGD examples, one GPU job per model
         "fetch_weights": n_standard,  # the cache of the fixture is empty
         "train": n_models - n_standard - n_released,
         "paper_stimuli": 1,

@@ -1,6 +1,6 @@
 """Attention under attack: Grad-CAM of the clean image and of its minimal main-attack example.
 
-The lens of a related paper (docs/methods.md §11), on the same stimuli, human maps and zoo:
+The lens of a related paper (docs/methods.md §9), on the same stimuli, human maps and zoo:
 
 * **Grad-CAM** (Selvaraju et al. 2017) at one layer A of the model, for a class c:
   ``cam = ReLU(Σ_ch mean_cells(∂ logit_c / ∂A_ch) · A_ch)``, one value per cell of the layer's

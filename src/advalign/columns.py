@@ -188,6 +188,7 @@ MODEL_ATTACK_COLUMNS = (
     "autoattack_eps",  # its eps on the [0, 1] pixel scale (x 255 for the paper's scale)
     "autoattack_norm",  # linf | l2
     "autoattack_n",  # stimuli it ran on
+    "autoattack_config",  # what ran: version, components, eps (AutoAttackConfig.describe)
     # Attention under attack (advalign.attention; Grad-CAM of the clean image and its minimal
     # main-attack example; NaN where not measured):
     "attention_deviation_k5",  # mean IoU of the top-5 Grad-CAM cells, clean vs attacked, [0, 1]
@@ -200,7 +201,8 @@ MODEL_ATTACK_COLUMNS = (
     "attention_layer",  # the Grad-CAM layer and its grid, e.g. "layer1 8x8"
     "n_attention",  # images with both maps
 )
-ROBUSTNESS_IN_MODEL_TABLE = ("autoattack_accuracy", "autoattack_eps", "autoattack_norm", "autoattack_n")
+ROBUSTNESS_IN_MODEL_TABLE = ("autoattack_accuracy", "autoattack_eps", "autoattack_norm", "autoattack_n",
+                             "autoattack_config")
 ATTENTION_IN_MODEL_TABLE = (
     "attention_deviation_k5",
     "attention_deviation_k10",

@@ -293,9 +293,8 @@ def _precision_note(spec: ScatterSpec, table: pd.DataFrame, data: pd.DataFrame) 
     values = {spec.x.value, spec.y.value}
     if "autoattack_accuracy" in values:
         rows = table[table["model"].isin(data.index)].drop_duplicates("model")
-        for (norm, eps), group in rows.groupby(["autoattack_norm", "autoattack_eps"]):
-            scale = f"{eps:.4g} ({eps * 255:.3g}/255)" if norm == "linf" else f"{eps:.4g}"
-            notes.append(f"AutoAttack: robust accuracy at {norm} eps {scale} on {int(group['autoattack_n'].max())} "
+        for run, group in rows.dropna(subset=["autoattack_config"]).groupby("autoattack_config"):
+            notes.append(f"robust accuracy: {run}, on {int(group['autoattack_n'].max())} "
                          "stimuli, clean errors counted as broken")
     if values & {"attention_human_iou", "attention_deviation_k10"}:
         rows = table[table["model"].isin(data.index)].drop_duplicates("model")

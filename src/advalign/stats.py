@@ -282,6 +282,7 @@ def summarize_fixed_epsilon(frame: pd.DataFrame, norm: str) -> dict:
         "autoattack_eps": float(eps.iloc[0]) if len(eps) else _eps_from_search(search),
         "autoattack_norm": norm,
         "autoattack_n": int(len(frame)),
+        "autoattack_config": search,
     }
 
 
@@ -766,7 +767,7 @@ EVERY_MODEL = "every model with both measures"
 
 
 def _related_lens_tests(table) -> list[dict]:
-    """Beyond the paper, the lenses of two related papers (docs/methods.md §11): how AutoAttack
+    """Beyond the paper, the lenses of two related papers (docs/methods.md §9): how AutoAttack
     robust accuracy relates to the paper's alignment and tolerance over the zoo, and attention
     under attack (Grad-CAM) per image."""
     tests = []
@@ -794,6 +795,11 @@ def _related_lens_tests(table) -> list[dict]:
         detail["n_positive"] = int((per_model > 0).sum())
         tests.append(_result("attention_incomplete_easier_to_fool", "wilcoxon", float(per_model.median()),
                              p_value=p_value, n=len(per_model), **detail))
+    if not table["part_reliance"].isna().all() and not table["attention_human_iou"].isna().all():
+        tests.append(spearman_test("rho_attention_human_iou_part_reliance", scores(table, MAIN_ATTACK, "part_reliance"),
+                                   scores(table, MAIN_ATTACK, "attention_human_iou"), RELIANCE_SET,
+                                   "part reliance (cue-conflict decisions following the part, fraction)",
+                                   "clean Grad-CAM attention on the human-marked region (IoU)"))  # fmt: skip
     deviation = rows["attention_deviation_k10"].dropna()
     tests.append(_result("attention_deviation_k10", "descriptive",
                          float(deviation.median()) if len(deviation) else math.nan, n=len(deviation),

@@ -473,7 +473,7 @@ def _reported_claims(tests_by_name: dict) -> list[dict]:
     return rows
 
 
-# The lenses of two related papers (docs/methods.md §11), each with our value on this zoo.
+# The lenses of two related papers (docs/methods.md §9), each with our value on this zoo.
 WEAK_RHO = 0.4  # |rho| below this counts as the related paper's "weak" correlation
 RELATED_003 = "related paper: Alignment and Adversarial Robustness (118 models, AutoAttack)"
 RELATED_004 = "related paper: Attention, Please! (Grad-CAM under attack)"
@@ -513,6 +513,19 @@ def _related_claims(tests_by_name: dict, table: pd.DataFrame) -> list[dict]:
             math.nan, "not the regenerated paper's claim; reported, no criterion: the related paper's 0.490 is for "
             "successful attacks on InceptionV3 at 224 px (0.677 for failed ones), ours is the minimal example on "
             "this zoo's grids"))  # fmt: skip
+    test = tests_by_name.get("rho_attention_human_iou_part_reliance")
+    if test is not None:
+        rows.append(_claim("reported: rho(measured part reliance, clean Grad-CAM attention on the human-marked "
+                           "region), every model", "beyond the paper", math.nan, _nan(test["statistic"]),
+                           _nan(test["p_value"]), test["n"], None, _nan(test["df"]),
+                           "not a claim of the paper; reported, no criterion: does the related paper's attention "
+                           "lens see the cue the synthetic world measures?"))  # fmt: skip
+    harmonized = _harmonized_attention_over_base(table)
+    if harmonized is not None:
+        above, total, detail = harmonized
+        rows.append(_claim("reported: harmonized models whose clean Grad-CAM attention overlaps the human-marked "
+                           "region more than their base's", "beyond the paper", math.nan, above / total, math.nan,
+                           total, None, math.nan, f"not a claim of the paper; reported, no criterion; {detail}"))
     robust = _robust_over_base(table)
     if robust is not None:
         above, total = robust
@@ -521,6 +534,23 @@ def _related_claims(tests_by_name: dict, table: pd.DataFrame) -> list[dict]:
                            bool(total and above == total), math.nan,
                            f"the synthetic world's known direction; {above} of {total} robust models above their base"))
     return rows
+
+
+def _harmonized_attention_over_base(table: pd.DataFrame):
+    """(harmonized models above their base in attention-human IoU, pairs, "model a vs b (reliance c vs d)")."""
+    models = _models(table).set_index("model")
+    pairs = [(m, r["base_model"]) for m, r in models[models["training"] == "harmonized"].iterrows()
+             if r["base_model"] in models.index and not math.isnan(r["attention_human_iou"])
+             and not math.isnan(models.loc[r["base_model"], "attention_human_iou"])]  # fmt: skip
+    if not pairs:
+        return None
+    above = sum(models.loc[m, "attention_human_iou"] > models.loc[b, "attention_human_iou"] for m, b in pairs)
+    detail = "; ".join(
+        f"{m} {models.loc[m, 'attention_human_iou']:.3f} vs base {models.loc[b, 'attention_human_iou']:.3f}"
+        + ("" if math.isnan(models.loc[m, "part_reliance"]) else
+           f" (part reliance {models.loc[m, 'part_reliance']:.2f} vs {models.loc[b, 'part_reliance']:.2f})")
+        for m, b in pairs)  # fmt: skip
+    return int(above), len(pairs), detail
 
 
 def _robust_over_base(table: pd.DataFrame):

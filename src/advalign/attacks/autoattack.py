@@ -73,8 +73,8 @@ class AutoAttackConfig:
         if self.components is not None:
             unknown = [c for c in self.components if c not in VERSIONS[self.version]]
             if unknown or not self.components:
-                raise PipelineError(f"attacks.autoattack.components: {', '.join(unknown) or 'none'} not in the "
-                                    f"{self.version} version's {', '.join(dict.fromkeys(VERSIONS[self.version]))}")  # fmt: skip
+                raise PipelineError(f"components: {', '.join(unknown) or 'none'} not in the {self.version} "
+                                    f"version's {', '.join(VERSIONS[self.version])}")  # fmt: skip
 
     def describe(self) -> str:
         scale = f"{self.eps * 255:.3g}/255" if self.norm == "linf" else f"{self.eps:.4g}"
@@ -136,7 +136,7 @@ def _autoattack_batch(fn, x, y, config, n_classes, seed, seconds):
             break
         started = time.perf_counter()
         trials[standing.cpu().numpy()] += 1
-        candidate = component(x[standing], y[standing])
+        candidate = component(x[standing], y[standing]).detach()
         with torch.no_grad():
             wrong = fn.logits(candidate).argmax(dim=1) != y[standing]
         hit = standing[wrong]
@@ -172,7 +172,7 @@ def autoattack(fn: AttackedFunction, x: torch.Tensor, y: torch.Tensor, config: A
         adv_pred[part] = pred.cpu().numpy()
         broken_by[part] = np.where(fooled, by, "")
         trials[part] = tried
-        delta = (adv - x[part]).float().cpu()
+        delta = (adv - x[part]).detach().float().cpu()
         perturbation[part] = torch.where(torch.as_tensor(fooled).view(-1, 1, 1, 1), delta, torch.zeros_like(delta))
     log.info("autoattack: %d/%d broken at %s; seconds by component: %s", int(success.sum()), n, config.describe(),
              ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))  # fmt: skip
