@@ -71,3 +71,16 @@ def test_the_paper_plans_without_its_data_and_names_the_key(monkeypatch, tmp_pat
     config["data"]["paper"]["resources"]["train"].update(gpu=3, nodes=2)
     with pytest.raises(PipelineError, match="3 GPUs on 2 nodes"):
         Plan(config, zoo).train_layout()
+
+
+@pytest.mark.parametrize("configfile, eps, n_images", [("config/paper.yaml", 4 / 255, 1000), ("config/real.yaml", 4 / 255, 6)])
+def test_paper_and_real_configs_run_the_whole_standard_autoattack(monkeypatch, configfile, eps, n_images):
+    """Paper mode and config/real.yaml lie over the demo's config, whose AutoAttack runs two of its
+    components at 1/255: they must not inherit that."""
+    monkeypatch.chdir(REPO)
+    config, _, _ = planned_config([configfile])
+    block = config["attacks"]["autoattack"]
+    assert "autoattack" in config["attacks"]["enabled"]
+    assert block["components"] is None and block["square_queries"] == 5000 and block["version"] == "standard"
+    assert block["eps"] == pytest.approx(eps) and block["n_images"] == n_images
+    assert config["attention"]["enabled"]

@@ -84,6 +84,12 @@ def test_every_output_of_the_paper_path_exists_and_is_well_formed(real_run):
     assert list(models.columns) == list(MODEL_ATTACK_COLUMNS)
     assert sorted(zip(models["model"], models["attack"])) == sorted(
         (m, a) for m in MODELS for a in ("pgd_l2", "pgd_linf", "cw_l2"))  # fmt: skip
+    # Both related lenses: AutoAttack's whole standard version, and attention on the kept examples.
+    assert (models["autoattack_config"] == "AutoAttack (standard; torchattacks), linf eps 4/255").all()
+    assert models["attention_layer"].str.startswith("blocks.6 ").all()  # each model's last stage
+    for model in MODELS:
+        attention = pd.read_csv(real_run.path(f"results/attention/{model}.csv"))
+        assert len(attention) == 6 and attention["deviation_k10"].notna().sum() == attention["success"].sum()
     assert (models["n_stimuli"] == 6).all() and (models["n_attacked"] >= MIN_TOP1_MATCHES).all()
     np.testing.assert_allclose(models["tolerance_255"], 255 * models["tolerance"], rtol=1e-12)
     for model in MODELS:
@@ -119,6 +125,10 @@ def test_the_numbers_of_the_results_doc_are_the_runs(real_run):
         f"{eps['pgd_linf'].min():.2g} to {eps['pgd_linf'].max():.2g}".replace("e-06", "e-6"),
         "The ℓ2 tolerance was " + " / ".join(f"{v:.3f}" for v in pgd["tolerance"]),
         "which is " + " / ".join(f"{v:.1f}" for v in pgd["tolerance_255"]) + " on the paper's [0, 255]",
+        "leaves robust accuracy " + " / ".join(f"{v:.0f}" for v in pgd["autoattack_accuracy"]) + " %",
+        "(`blocks.6`, " + " / ".join(layer.split()[-1].replace("x", " × ") for layer in pgd["attention_layer"]),
+        "keeps a top-10 IoU of " + " / ".join(f"{v:.2f}" for v in pgd["attention_deviation_k10"]),
+        "with an IoU of " + " / ".join(f"{v:.2f}" for v in pgd["attention_human_iou"]),
     ]
     assert not attacked  # every model attacked the same photos
     doc = " ".join((REPO / "docs" / "results.md").read_text().split())
