@@ -32,6 +32,15 @@ def fake(tmp_path_factory):
     results = write_fake_results(root, n_images=24, image_size=16, cw_images=12)
     table = build_model_table(results["zoo_rows"], results["attack_paths"], results["metrics_paths"],
                               reliance_path=results["reliance"])  # fmt: skip
+    # The related lenses' per-model columns (their jobs are tested in test_lenses.py), seeded per model.
+    rng = np.random.default_rng(7)
+    per_model = {m: rng.uniform(0, 1, 3) for m in table["model"].unique()}
+    table["autoattack_accuracy"] = table["model"].map(lambda m: 100 * per_model[m][0])
+    table["autoattack_eps"], table["autoattack_norm"], table["autoattack_n"] = 1 / 255, "linf", 24
+    table["autoattack_config"] = "AutoAttack (standard; torchattacks), linf eps 1/255"
+    table["attention_human_iou"] = table["model"].map(lambda m: per_model[m][1])
+    table["attention_deviation_k10"] = table["model"].map(lambda m: per_model[m][2])
+    table["attention_layer"] = "layer4 7x7"
     table.to_csv(root / "table.csv", index=False)
     results["table"] = pd.read_csv(root / "table.csv")
     results["pgd_examples"] = [p for p in results["example_paths"] if "/pgd_l2/" in p]
