@@ -178,3 +178,13 @@ def test_attention_needs_kept_examples(monkeypatch, tmp_path):
     overlay.write_text(json.dumps({"attacks": {"keep_examples": 0}, "attention": {"enabled": False}}))
     config, zoo, _ = planned_config(["config/config.yaml", overlay])
     assert Plan(config, zoo).attention_outputs() == []
+
+
+def test_autoattack_states_its_eps_on_both_scales():
+    from advalign.stats import _eps_from_search
+
+    attack = get_attack("autoattack")
+    linf = attack.config({"norm": "linf", "eps": 4 / 255, "version": "standard"}).describe()
+    l2 = attack.config({"norm": "l2", "eps": 0.5, "version": "standard"}).describe()
+    assert linf.endswith("linf eps 4/255") and l2.endswith("l2 eps 0.5 (127.5 on [0, 255])")
+    assert _eps_from_search(linf) == pytest.approx(4 / 255) and _eps_from_search(l2) == 0.5

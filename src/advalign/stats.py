@@ -288,7 +288,7 @@ def summarize_fixed_epsilon(frame: pd.DataFrame, norm: str) -> dict:
 
 def _eps_from_search(search: str) -> float:
     """The ε of a fixed-ε attack no image broke, from its description (".. eps 4/255")."""
-    text = search.rsplit("eps ", 1)[-1].strip()
+    text = (search.rsplit("eps ", 1)[-1].split() or [""])[0]
     try:
         return float(text[:-4]) / 255 if text.endswith("/255") else float(text)
     except ValueError:

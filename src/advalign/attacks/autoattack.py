@@ -77,7 +77,8 @@ class AutoAttackConfig:
                                     f"version's {', '.join(VERSIONS[self.version])}")  # fmt: skip
 
     def describe(self) -> str:
-        scale = f"{self.eps * 255:.3g}/255" if self.norm == "linf" else f"{self.eps:.4g}"
+        # On the [0, 1] pixel scale, with the paper's [0, 255] equivalent.
+        scale = f"{self.eps * 255:.3g}/255" if self.norm == "linf" else f"{self.eps:.4g} ({self.eps * 255:.4g} on [0, 255])"
         parts = "" if self.components is None else f": {'+'.join(self.components)}"
         square = "square" in (self.components or VERSIONS[self.version])
         queries = f", Square {self.square_queries} queries" if square and self.square_queries != 5000 else ""

@@ -294,6 +294,10 @@ def run_attack_job(
     save_npz(out_examples, **{k: examples[k] for k in EXAMPLE_ARRAYS})
     store.remove()
     attacked = int(table["attacked"].sum())
+    if attack.fixed_epsilon:
+        log.info("%s on %s: %d/%d attacked (clean-correct), %d broken, %d robust: %s", attack.name, row["model"],
+                 attacked, n, int(table["success"].sum()), attacked - int(table["success"].sum()), config.describe())
+        return
     log.info(
         "%s on %s: %d/%d attacked (clean-correct), %d fooled (%d censored at the lower bound), "
         "%d failures at the upper bound; search: %s",
