@@ -29,6 +29,9 @@ PER_MODEL_RULES = {"train", "attack"}
 # Measured cue reliance and (synthetic: one job for all models) the human feature alignment read
 # every model's weights: re-planned when the zoo's models change.
 RELIANCE_RULES = {"cue_reliance", "human_alignment"}
+# Attention under attack (synthetic: one job for all models) reads every model's weights and its
+# main-attack (l2-PGD) examples: re-planned when the zoo's models or any l2-PGD result change.
+ATTENTION_RULES = {"attention"}
 
 _JOB_HEADER = re.compile(r"^(?:local)?(?:rule|checkpoint) (\S+):$")
 _STATS_ROW = re.compile(r"^(\S+)\s+(\d+)$")
@@ -129,7 +132,7 @@ def test_one_models_attack_parameter_reruns_that_attack_and_the_aggregates(tiny_
     steps = tiny_config(tiny_run)["attacks"]["pgd_l2"]["steps"]
     change = {"attacks": {"overrides": {model: {"pgd_l2": {"steps": steps + 1}}}}}
     result = plan(tiny_run, tmp_path, change)
-    assert_only(result, [("attack", model, "pgd_l2")], AGGREGATE_RULES)
+    assert_only(result, [("attack", model, "pgd_l2")], AGGREGATE_RULES | ATTENTION_RULES)
     reason = re.search(r"reason: (.*)", result.output[result.output.index("rule attack:") :]).group(1)
     assert "Params have changed" in reason, reason
 
@@ -148,7 +151,7 @@ def test_other_cpu_kernels_rerun_every_computation_and_no_stimuli(tiny_run, tmp_
     expected = [("train", m, None) for m in trained] + [
         ("attack", m, a) for a in config["attacks"]["enabled"] for m in attacked_models(tiny_run, a)
     ]
-    assert_only(result, expected, AGGREGATE_RULES | RELIANCE_RULES)
+    assert_only(result, expected, AGGREGATE_RULES | RELIANCE_RULES | ATTENTION_RULES)
 
 
 def test_new_model_runs_only_its_own_jobs_and_the_aggregates(tiny_run, tmp_path):
@@ -170,7 +173,7 @@ def test_new_model_runs_only_its_own_jobs_and_the_aggregates(tiny_run, tmp_path)
     assert ("attack", new_model, "pgd_l2") in per_model, result.describe()
     assert {model for _, model, _ in per_model} == {new_model}, result.describe()
     assert {attack for _, _, attack in per_model} - {None} <= set(config["attacks"]["enabled"])
-    assert result.rules - PER_MODEL_RULES == AGGREGATE_RULES | RELIANCE_RULES, result.describe()
+    assert result.rules - PER_MODEL_RULES == AGGREGATE_RULES | RELIANCE_RULES | ATTENTION_RULES, result.describe()
 
 
 # --------------------------------------------------------------------------- code provenance
@@ -209,7 +212,7 @@ def test_editing_attack_code_reruns_the_attacks_it_runs_and_what_follows(tiny_ru
         with edited(tiny_run, f"src/advalign/attacks/{module}", _code_edit):
             result = plan(tiny_run, tmp_path)
         expected = [("attack", m, a) for a in attacks for m in attacked_models(tiny_run, a)]
-        assert_only(result, expected, AGGREGATE_RULES)  # no training job
+        assert_only(result, expected, AGGREGATE_RULES | ATTENTION_RULES)  # no training job; l2-PGD reran
     reason = re.search(r"reason: (.*)", result.output[result.output.index("rule attack:") :]).group(1)
     assert "Params have changed" in reason, reason
 
