@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from .columns import ATTENTION_COLUMNS, ATTENTION_IN_MODEL_TABLE, ATTENTION_TOP_K
-from .io import PipelineError, require_file
+from .io import PipelineError, read_per_image_csv, require_file
 
 log = logging.getLogger(__name__)
 
@@ -203,12 +203,7 @@ def attention_images(net, stimuli: dict, attack_table: pd.DataFrame, examples: d
 
 def read_attention(path) -> pd.DataFrame:
     """A per-image attention file (ATTENTION_COLUMNS), checked."""
-    path = require_file(path, "attention file")
-    frame = pd.read_csv(path)
-    missing = [c for c in ATTENTION_COLUMNS if c not in frame.columns]
-    if missing or frame.empty:
-        raise PipelineError(f"{path}: expected the columns {', '.join(ATTENTION_COLUMNS)} and one row per image")
-    return frame
+    return read_per_image_csv(path, ATTENTION_COLUMNS, "attention file")
 
 
 def summarize_attention(frame: pd.DataFrame) -> dict:

@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from .columns import HUMAN_ALIGNMENT_COLUMNS, HUMAN_IN_MODEL_TABLE
-from .io import PipelineError, require_file
+from .io import PipelineError, read_per_image_csv
 from .metrics import rowwise_spearman
 
 log = logging.getLogger(__name__)
@@ -107,12 +107,7 @@ def score_images(net, stimuli: dict, data_config: dict, device, batch_size: int 
 
 def read_scores(path) -> pd.DataFrame:
     """A per-image human-alignment file (HUMAN_ALIGNMENT_COLUMNS), checked."""
-    path = require_file(path, "human-alignment file")
-    frame = pd.read_csv(path)
-    missing = [c for c in HUMAN_ALIGNMENT_COLUMNS if c not in frame.columns]
-    if missing or frame.empty:
-        raise PipelineError(f"{path}: expected the columns {', '.join(HUMAN_ALIGNMENT_COLUMNS)} and one row per image")
-    return frame
+    return read_per_image_csv(path, HUMAN_ALIGNMENT_COLUMNS, "human-alignment file")
 
 
 def summarize(frame: pd.DataFrame) -> dict:

@@ -199,6 +199,18 @@ def resolve_source_path(spec: str, where: str, what: str = "file") -> Path:
     return path
 
 
+def read_per_image_csv(path, columns, what: str):
+    """A per-image CSV (human alignment, attention) with every one of ``columns`` and at least one
+    row, as a DataFrame; otherwise one line naming the file and the columns expected."""
+    import pandas as pd
+
+    path = require_file(path, what)
+    frame = pd.read_csv(path)
+    if frame.empty or any(c not in frame.columns for c in columns):
+        raise PipelineError(f"{path}: expected the columns {', '.join(columns)} and one row per image")
+    return frame
+
+
 def load_examples(path) -> dict:
     """An attack's kept examples (columns.EXAMPLE_ARRAYS), checked, with ``row``: image id -> index."""
     from .columns import EXAMPLE_ARRAYS

@@ -257,17 +257,22 @@ def _read_reliance(path) -> dict[str, dict]:
     return {str(r["model"]): {c: _float_or_nan(r[c]) for c in RELIANCE_IN_MODEL_TABLE} for _, r in frame.iterrows()}
 
 
-def _read_human_alignment(paths, zoo) -> dict[str, dict]:
-    """model -> HUMAN_IN_MODEL_TABLE values, from results/human_alignment/{model}.csv."""
-    from .human_alignment import read_scores, summarize
-
+def _read_per_model(paths, zoo, summary) -> dict[str, dict]:
+    """model -> ``summary(path)`` for per-model files named ``{model}.csv`` of models in the zoo."""
     found = {}
     for path in paths or []:
         model = Path(path).stem
         if model not in zoo:
             raise PipelineError(f"{path}: model {model!r} is not in the zoo")
-        found[model] = summarize(read_scores(path))
+        found[model] = summary(path)
     return found
+
+
+def _read_human_alignment(paths, zoo) -> dict[str, dict]:
+    """model -> HUMAN_IN_MODEL_TABLE values, from results/human_alignment/{model}.csv."""
+    from .human_alignment import read_scores, summarize
+
+    return _read_per_model(paths, zoo, lambda path: summarize(read_scores(path)))
 
 
 def summarize_fixed_epsilon(frame: pd.DataFrame, norm: str) -> dict:
@@ -299,13 +304,7 @@ def _read_attention(paths, zoo) -> dict[str, dict]:
     """model -> ATTENTION_IN_MODEL_TABLE values, from results/attention/{model}.csv."""
     from .attention import read_attention, summarize_attention
 
-    found = {}
-    for path in paths or []:
-        model = Path(path).stem
-        if model not in zoo:
-            raise PipelineError(f"{path}: model {model!r} is not in the zoo")
-        found[model] = summarize_attention(read_attention(path))
-    return found
+    return _read_per_model(paths, zoo, lambda path: summarize_attention(read_attention(path)))
 
 
 def build_model_table(zoo_rows: list[dict], attack_paths: list[str], metrics_paths: list[str],
