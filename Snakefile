@@ -23,6 +23,15 @@ include: "workflow/rules/figures.smk"
 onstart:
     stop_if_no_cores()  # --cores 0 would wait forever holding the lock
     stop_if_data_missing()  # the paper's data, when a job about to run needs it
+    start_job_server()  # local runs: torch and timm imported once for all jobs (advalign.jobserver)
+
+
+onsuccess:
+    stop_job_server()
+
+
+onerror:
+    stop_job_server()
 
 
 rule all:

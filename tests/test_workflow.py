@@ -4,6 +4,8 @@ and a second plan right after a complete run has nothing to do."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -134,3 +136,33 @@ def test_every_job_logged(tiny_run):
 def test_second_plan_has_nothing_to_do(tiny_run):
     proc = snakemake(tiny_run.workdir, "-n", *tiny_run.config_args())
     assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-3000:]
+
+
+def test_every_job_ran_in_the_job_server(tiny_run):
+    """A local run's jobs run in forks of its job server (advalign.jobserver), each exiting 0."""
+    log = tiny_run.path(".snakemake/advalign/job-server.log").read_text()
+    started = re.findall(r"worker (\d+): tmp\w+\.(\w+)\.py$", log, flags=re.M)
+    exits = dict(re.findall(r"worker (\d+): exit (-?\d+)$", log, flags=re.M))
+    jobs = list(tiny_run.path("logs").rglob("*.log"))  # every job of a script rule has its log
+    assert len(started) == len(jobs) > 30
+    assert {exits[pid] for pid, _ in started} == {"0"}
+    assert "note: job server" not in tiny_run.log
+
+
+def test_jobs_write_the_same_bytes_without_the_job_server(tiny_run, tmp_path):
+    """job_server: false runs each job in its own process; a model's training and its attacks
+    then write exactly the files the server's workers wrote."""
+    workdir = tmp_path / "repo"
+    shutil.copytree(tiny_run.workdir, workdir, symlinks=True)
+    model = "resnet_demo"
+    files = [f"results/models/{model}/weights.pt"] + [
+        str(p.relative_to(workdir)) for p in sorted(workdir.glob(f"results/attacks/*/{model}.*"))
+    ]
+    assert len(files) >= 7
+    served = {f: (workdir / f).read_bytes() for f in files}
+    server_log = (workdir / ".snakemake/advalign/job-server.log").read_text()
+    for f in files:
+        (workdir / f).unlink()
+    snakemake(workdir, *files, "--cores", "2", *tiny_run.config_args(), "--config", "job_server=False")
+    assert {f: (workdir / f).read_bytes() for f in files} == served
+    assert (workdir / ".snakemake/advalign/job-server.log").read_text() == server_log  # no server this time

@@ -21,6 +21,8 @@ from functools import lru_cache
 from pathlib import Path
 
 PACKAGE = "advalign"
+# Modules that decide which process runs a job, not what it computes: never a job's code.
+NOT_JOB_CODE = frozenset({"advalign.jobserver"})
 
 
 def _strip_docstrings(tree: ast.AST) -> ast.AST:
@@ -95,7 +97,7 @@ def package_modules(script: Path, package_dir: Path, exclude: frozenset[str] = f
     """{module name: file} of every package module ``script`` imports, transitively, leaving out
     the modules in ``exclude`` (and what only they import)."""
     pending = _imported_modules(_parse(Path(script))[1], "__script__", False)
-    return _walk(pending, package_dir, exclude)
+    return _walk(pending, package_dir, frozenset(exclude) | NOT_JOB_CODE)
 
 
 def _walk(pending: set[str], package_dir: Path, exclude: frozenset[str] = frozenset(),

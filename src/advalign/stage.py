@@ -62,8 +62,15 @@ def run(snakemake, main) -> None:
     """Run ``main(snakemake)`` with stdout/stderr (tqdm included) sent to the rule's log.
 
     A PipelineError becomes one line in the log and on the terminal, and exit 1. A job that
-    succeeded exits at once (:func:`_exit_now`).
+    succeeded exits at once (:func:`_exit_now`). In a local run the job first goes to the run's
+    warm job server (advalign.jobserver), which runs this same script in a fork that has torch
+    and timm imported already; this process then waits and exits with its status. A script
+    therefore imports what it needs inside ``main``.
     """
+    if _is_snakemake_job(snakemake):
+        from .jobserver import hand_over
+
+        hand_over(snakemake)
     log_path = Path(snakemake.log[0]) if len(snakemake.log) else None
     real_stderr = sys.stderr
     sink = open(log_path, "w", buffering=1) if log_path else None

@@ -118,6 +118,30 @@ def stop_if_no_cores():
             sys.exit(1)
 
 
+def start_job_server():
+    """For onstart: a local run's jobs run in forks of one process that has imported torch and
+    timm (advalign.jobserver). Not for cluster jobs, nor where a job runs in another Python.
+    """
+    if not (config["job_server"] and workflow.local_exec):
+        return
+    if workflow.deployment_settings.deployment_method:  # --use-conda / --use-apptainer
+        return
+    if not any(job.rule.script for job in workflow.dag.needrun_jobs()):
+        return
+    from advalign.jobserver import start
+
+    JOB_SERVER.append(start(Path(".snakemake") / "advalign" / "job-server.log"))
+
+
+def stop_job_server():
+    """For onsuccess / onerror (and at exit in any case): end the run's job server."""
+    while JOB_SERVER:
+        JOB_SERVER.pop().stop()
+
+
+JOB_SERVER = []
+
+
 def _planning(method, *args):
     try:
         return method(*args)

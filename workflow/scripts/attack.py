@@ -1,10 +1,11 @@
 """Snakemake script: run one attack on one model over the stimulus set."""
 
-from advalign.attacks import run_attack_job
 from advalign.stage import run
 
 
 def main(smk):
+    from advalign.attacks import run_attack_job
+
     run_attack_job(
         smk.params.job,
         stimuli_path=smk.input.stimuli,

@@ -1,6 +1,5 @@
 """Snakemake script: attention under attack of one model (paper) or of every model (synthetic)."""
 
-from advalign.attention import attention_jobs
 from advalign.stage import run
 
 
@@ -9,6 +8,8 @@ def _list(value):
 
 
 def main(smk):
+    from advalign.attention import attention_jobs
+
     attention_jobs(smk.params.models, _list(smk.input.weights), _list(smk.input.tables), _list(smk.input.examples),
                    smk.input.stimuli, list(smk.output), device_name=smk.params.device,
                    batch_size=smk.params.batch_size)  # fmt: skip

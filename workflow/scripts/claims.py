@@ -1,13 +1,14 @@
 """Snakemake script: the claims table, each statistic next to the paper's value."""
 
-import pandas as pd
-
-from advalign.io import read_json
 from advalign.stage import run
-from advalign.tables import claims_table, write_table_pair
 
 
 def main(smk):
+    import pandas as pd
+
+    from advalign.io import read_json
+    from advalign.tables import claims_table, write_table_pair
+
     claims = claims_table(read_json(smk.input.tests), pd.read_csv(smk.input.table))
     write_table_pair(claims, smk.output.csv, smk.output.md, title="Claims: paper vs recomputed")
 

@@ -1,10 +1,11 @@
 """Snakemake script (localrule): one split of the public ClickMe shards, fetched and verified."""
 
-from advalign.data.fetch import fetch_split
 from advalign.stage import run
 
 
 def main(smk):
+    from advalign.data.fetch import fetch_split
+
     clickme = smk.config["data"]["paper"]["clickme"]
     fetch_split(smk.wildcards.split, smk.params.shard_dir, clickme["fetch"], smk.params.patterns, smk.output[0])
 

@@ -1,12 +1,13 @@
 """Snakemake script: a qualitative grid of images, human maps and attacks (Fig. 5, S1, S2)."""
 
-import pandas as pd
-
-from advalign.figures import qualitative_figure
 from advalign.stage import run
 
 
 def main(smk):
+    import pandas as pd
+
+    from advalign.figures import qualitative_figure
+
     qualitative_figure(
         smk.params.figure,
         pd.read_csv(smk.input.table),

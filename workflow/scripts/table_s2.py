@@ -1,12 +1,13 @@
 """Snakemake script: Table S2, the harmonized models."""
 
-import pandas as pd
-
 from advalign.stage import run
-from advalign.tables import table_s2, write_table_pair
 
 
 def main(smk):
+    import pandas as pd
+
+    from advalign.tables import table_s2, write_table_pair
+
     table = table_s2(pd.read_csv(smk.input.table), released=smk.params.released)
     write_table_pair(table, smk.output.csv, smk.output.md, title="Table S2: harmonized models")
 

@@ -4,12 +4,13 @@ One process per GPU of the job (resources gpu / nodes): with more than one, trai
 re-launches itself under torchrun (advalign.distributed); otherwise it trains here.
 """
 
-from advalign.data.shard_lock import verified_shards
 from advalign.stage import run
-from advalign.training import train_model
 
 
 def main(smk):
+    from advalign.data.shard_lock import verified_shards
+    from advalign.training import train_model
+
     gpus = int(smk.resources.get("gpu", 0) or 0)
     nodes = int(smk.resources.get("nodes", 1) or 1)
     clickme = smk.input.get("clickme")  # paper: the fetch manifest of the ClickMe training shards
