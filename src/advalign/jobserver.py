@@ -199,6 +199,9 @@ class Server:
                 importlib.import_module(name)
             except Exception as exc:  # noqa: BLE001 - a job that needs it imports it and says why
                 self.say(f"could not import {name}: {type(exc).__name__}: {exc}")
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_initialized():  # a fork could not use the GPU
+            raise SystemExit("error: job server: CUDA was initialised while importing; jobs run on their own")
         self.say(f"imported {len(modules)} modules in {time.time() - started:.1f} s; serving {self.path}")
 
     def accept(self) -> int | None:
