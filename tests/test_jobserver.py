@@ -159,13 +159,34 @@ def test_killing_the_jobs_process_stops_its_worker(server, tmp_path, how):
         time.sleep(0.05)
     worker = int(pid_file.read_text())
     proc.send_signal(getattr(signal, how))
-    assert _gone(worker, 10), f"worker {worker} still runs after its job's process got {how}"
+    assert _gone(worker, 30), f"worker {worker} still runs after its job's process got {how}"
     proc.wait(timeout=30)
     if how == "SIGTERM":  # forwarded: the job fails with one line naming the signal
         assert proc.returncode == 1
         assert proc.stderr.read().strip() == f"error: job worker {worker} was killed by signal {signal.SIGTERM.value}"
     else:
         assert f"worker {worker}: its job's process is gone; stopping it" in log.read_text()
+
+
+def test_a_server_that_dies_fails_its_jobs_and_takes_its_workers_along(tmp_path):
+    """The server killed outright under a running job: the job fails with one line, and its
+    worker does not run on to write outputs Snakemake has already given up on."""
+    handle = jobserver.start(tmp_path / "log")
+    path = os.environ.pop(jobserver.ENV_SOCKET)
+    try:
+        script, env = _job(tmp_path, SLEEPER, socket=path)
+        pid_file = tmp_path / "worker.pid"
+        proc = subprocess.Popen([PYTHON, str(script), str(pid_file)], env=env, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 60
+        while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+            time.sleep(0.05)
+        worker = int(pid_file.read_text())
+        handle.process.kill()
+        assert proc.wait(timeout=30) == 1
+        assert _gone(worker, 30)  # (it holds the job's stderr: read that only once it is gone)
+        assert proc.stderr.read().strip() == f"error: job server {path} stopped while running this job (worker {worker})"
+    finally:
+        handle.stop()
 
 
 def test_a_server_ends_with_the_run_that_started_it(tmp_path):

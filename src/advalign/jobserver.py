@@ -141,12 +141,23 @@ def hand_over(snakemake) -> None:
 # The server's side
 
 
+def _die_with_parent() -> None:
+    """Linux: a worker gets SIGTERM when the server dies (its job's process has then failed
+    the job already, and Snakemake removes the outputs: nothing may write them afterwards)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _run_worker(request: dict, fds: list[int]) -> None:
     """In the forked worker: become the job's process and run its script; never returns."""
     global _IN_WORKER
     _IN_WORKER = True
     code = 1
     try:
+        _die_with_parent()
         for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
