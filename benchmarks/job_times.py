@@ -9,9 +9,9 @@ itself reports at its end (``done in X s`` in the rule's log, written by advalig
 from the moment ``main`` starts); the rest, wall - work, is start-up: the Python process, the
 Snakemake script preamble, the hand-over to the job server, and the exit. A script imports
 torch and timm inside ``main``, so a job that runs in its own process (``job_server: False``,
-a cluster job) counts those imports as work; in a job server's worker they are done already. Jobs whose log has no
-``done in`` line (a rule without a script, or one run before the line existed) count as all
-work. Per rule it prints: jobs, total wall, mean wall, total start-up, total work and the
+a cluster job) counts those imports as work; in a job server's worker they are done already.
+Jobs whose log has no ``done in`` line (a rule without a script, or one run before the line
+existed) count as all work. Per rule it prints: jobs, total wall, mean wall, total start-up, total work and the
 start-up share; then the totals and the CPU model of this machine. Jobs run on a cluster have
 no wall time in Snakemake's records: they count with their work time alone.
 """

@@ -24,7 +24,7 @@ PYTHON = sys.executable
 JOB = """
 import json, os, sys
 from advalign.jobserver import hand_over
-hand_over(None)
+hand_over()
 print("stdout of the job", flush=True)
 print("stderr of the job", file=sys.stderr, flush=True)
 with open(sys.argv[1], "a") as out:
@@ -38,7 +38,7 @@ raise SystemExit(int(sys.argv[2]))
 MATMUL = """
 import sys
 from advalign.jobserver import hand_over
-hand_over(None)
+hand_over()
 import torch
 torch.set_num_threads(2)
 torch.manual_seed(0)
@@ -50,7 +50,7 @@ torch.save({"mm": a @ b, "conv": x}, sys.argv[1])
 SLEEPER = """
 import os, sys, time
 from advalign.jobserver import hand_over
-hand_over(None)
+hand_over()
 with open(sys.argv[1], "w") as out:
     out.write(str(os.getpid()))
 time.sleep(120)
@@ -146,18 +146,23 @@ def _gone(pid: int, seconds: float) -> bool:
     return False
 
 
-@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
-def test_killing_the_jobs_process_stops_its_worker(server, tmp_path, how):
-    """Snakemake cancelling a job (SIGTERM), or the job's process dying outright (SIGKILL):
-    either way the worker does not run on."""
-    _, path, log = server
-    script, env = _job(tmp_path, SLEEPER, socket=path)
+def _sleeping_job(tmp_path, socket):
+    """A job handed to the server at ``socket`` that sleeps: (its process, its worker's pid)."""
+    script, env = _job(tmp_path, SLEEPER, socket=socket)
     pid_file = tmp_path / "worker.pid"
     proc = subprocess.Popen([PYTHON, str(script), str(pid_file)], env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
         time.sleep(0.05)
-    worker = int(pid_file.read_text())
+    return proc, int(pid_file.read_text())
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_killing_the_jobs_process_stops_its_worker(server, tmp_path, how):
+    """Snakemake cancelling a job (SIGTERM), or the job's process dying outright (SIGKILL):
+    either way the worker does not run on."""
+    _, path, log = server
+    proc, worker = _sleeping_job(tmp_path, path)
     proc.send_signal(getattr(signal, how))
     assert _gone(worker, 30), f"worker {worker} still runs after its job's process got {how}"
     proc.wait(timeout=30)
@@ -174,13 +179,7 @@ def test_a_server_that_dies_fails_its_jobs_and_takes_its_workers_along(tmp_path)
     handle = jobserver.start(tmp_path / "log")
     path = os.environ.pop(jobserver.ENV_SOCKET)
     try:
-        script, env = _job(tmp_path, SLEEPER, socket=path)
-        pid_file = tmp_path / "worker.pid"
-        proc = subprocess.Popen([PYTHON, str(script), str(pid_file)], env=env, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 60
-        while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
-            time.sleep(0.05)
-        worker = int(pid_file.read_text())
+        proc, worker = _sleeping_job(tmp_path, path)
         handle.process.kill()
         assert proc.wait(timeout=30) == 1
         assert _gone(worker, 30)  # (it holds the job's stderr: read that only once it is gone)

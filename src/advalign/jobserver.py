@@ -1,7 +1,7 @@
 """A warm process for a local run: torch, timm and the package imported once, each job a fork.
 
 Every job of a local run is a Python process of its own that imports torch, timm, pandas and
-matplotlib before it works: about 4 s on a fast 2-core machine and 10-18 s on a slow one, for
+matplotlib before it works: about 4 s on a fast 2-core machine and 8-13 s on a slow one, for
 each of the demo's ~140 jobs. The Snakefile's ``onstart`` (local runs only) starts one server
 that imports all of that once; a job's script hands its job over (:func:`hand_over`, called
 by :func:`advalign.stage.run` before the script imports anything heavy) and the server forks a
@@ -83,7 +83,7 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 # The job's side
 
 
-def hand_over(snakemake) -> None:
+def hand_over() -> None:
     """Run this job in a worker of the local job server and exit with its status.
 
     Returns (the job then runs in this process) when no server is set, inside a worker, or
@@ -121,12 +121,7 @@ def hand_over(snakemake) -> None:
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
-    while True:
-        try:
-            got = _recv_exact(sock, _STATUS.size)
-            break
-        except InterruptedError:  # a forwarded signal; the worker's status follows
-            continue
+    got = _recv_exact(sock, _STATUS.size)  # a forwarded signal does not interrupt it (PEP 475)
     if len(got) != _STATUS.size:
         print(f"error: job server {path} stopped while running this job (worker {worker})", file=sys.stderr)
         os._exit(1)
@@ -173,10 +168,12 @@ def _run_worker(request: dict, fds: list[int]) -> None:
 
         runpy.run_path(request["script"], run_name="__main__")
         code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        if not isinstance(exc.code, int) and exc.code is not None:
+    except SystemExit as exc:  # as the interpreter does: an int is the status, anything else a message
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:
             print(exc.code, file=sys.stderr)
+            code = 1
     except BaseException:  # noqa: BLE001 - the job's own traceback, as its own process prints it
         traceback.print_exc()
         code = 1

@@ -70,7 +70,7 @@ def run(snakemake, main) -> None:
     if _is_snakemake_job(snakemake):
         from .jobserver import hand_over
 
-        hand_over(snakemake)
+        hand_over()
     log_path = Path(snakemake.log[0]) if len(snakemake.log) else None
     real_stderr = sys.stderr
     sink = open(log_path, "w", buffering=1) if log_path else None
