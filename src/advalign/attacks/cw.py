@@ -45,17 +45,24 @@ class CWConfig:
     # Each new value of c starts from the smallest fooling example found so far (where there is
     # one) instead of from x: later values of c refine instead of starting over.
     warm_start: bool = _DEFAULTS["warm_start"]
+    # With warm_start, a warm-started image's steps are scaled so that Adam's first (sign-like)
+    # step moves its example by about this fraction of the example's l2 norm, not by lr in every
+    # coordinate (an l2 near 0.5 * lr * sqrt(size) that undoes a small example). 0: lr throughout.
+    warm_step: float = _DEFAULTS["warm_step"]
 
     def __post_init__(self):
         if self.steps < 1 or self.search_steps < 1 or not self.c_init > 0 or not self.lr > 0 or self.confidence < 0:
             raise PipelineError("CW needs steps, search_steps >= 1, c_init, lr > 0 and confidence >= 0")
         if self.lr_schedule not in ("constant", "cosine"):
             raise PipelineError(f"CW lr_schedule must be constant or cosine, not {self.lr_schedule!r}")
+        if self.warm_step < 0 or (self.warm_step > 0 and not self.warm_start):
+            raise PipelineError("CW warm_step must be >= 0, and needs warm_start: true")
 
     def describe(self) -> str:
         extra = "".join([f", lr {self.lr:g}" if self.lr != _DEFAULTS["lr"] else "",
                          ", cosine-annealed" if self.lr_schedule == "cosine" else "",
-                         ", warm-started across c" if self.warm_start else ""])  # fmt: skip
+                         ", warm-started across c" if self.warm_start else "",
+                         f" (first step {self.warm_step:g} of the example's l2)" if self.warm_step else ""])  # fmt: skip
         return f"CW-l2, {self.steps} Adam steps x {self.search_steps} values of c{extra}"
 
     @classmethod
@@ -84,14 +91,22 @@ def _cw_batch(fn: AttackedFunction, x: torch.Tensor, y: torch.Tensor, config: CW
         if config.warm_start:
             found = per_image(torch.isfinite(best_l2sq))
             start = torch.where(found, torch.atanh(((x + best_delta) * 2 - 1).clamp(-1 + 1e-6, 1 - 1e-6)), w_clean)
-        w = start.clone().requires_grad_(True)
-        optimizer = torch.optim.Adam([w], lr=config.lr)  # elementwise: images never interact
+        if config.warm_step:
+            # w = start + scale * u with Adam on u: the same Adam, each image's step times its scale.
+            # x moves by at most lr/2 per coordinate per unit of scale (dx/dw <= 1/2).
+            sign_step_l2 = 0.5 * config.lr * math.sqrt(x[0].numel())
+            scale = per_image((config.warm_step * best_l2sq.sqrt() / sign_step_l2).clamp(max=1.0))
+            variable = torch.zeros_like(start).requires_grad_(True)
+        else:
+            variable = start.clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([variable], lr=config.lr)  # elementwise: images never interact
         fooled_this_c = torch.zeros(n, dtype=torch.bool, device=device)
         c_now = c.float()
         for step in range(config.steps):
             if config.lr_schedule == "cosine":
                 optimizer.param_groups[0]["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * step / config.steps))
             with torch.enable_grad():
+                w = start + scale * variable if config.warm_step else variable
                 adv = (torch.tanh(w) + 1) / 2
                 logits = fn.logits(adv)
                 if true_class is None:

@@ -180,9 +180,9 @@ def clickme_preprocess(
         heatmap = heatmap[..., 0]
     if heatmap.ndim != 2:
         raise PipelineError(f"ClickMe heatmap must be [H, W] or [H, W, 1], got {list(heatmap.shape)}")
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    x = torch.tensor(np.asarray(image), dtype=torch.float32).permute(2, 0, 1)[None]  # a copy: the array may be read-only
     x = _resize(x, image_size).round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy()
-    m = torch.from_numpy(np.ascontiguousarray(heatmap, dtype=np.float32))[None, None]
+    m = torch.tensor(np.asarray(heatmap), dtype=torch.float32)[None, None]
     m = _resize(blur_map(_resize(m, map_size), blur_kernel, blur_sigma), image_size)[0, 0].clamp(min=0.0)
     peak = float(m.max())
     m = m / peak if peak > 0 else m
