@@ -13,8 +13,9 @@ rule, and a fine full-range reference
 with absolute threshold 1e-6), for each adv_lib reference (FMN, DDN, ALMA, minimal APGD,
 with the pipeline's defaults of advalign.attacks.references) and for Carlini–Wagner at the
 paper's budget, at config/real.yaml's, and at real.yaml's schedule with the paper's 100 x 9 steps (``--cw
-paper,real,long``; the ratio of the real budget's median ℓ2 to each of the others, which should lie
-within 10 % of the long run's), it prints: forward+backward
+paper,real,long``; ``long3``: 300 x 9, to see whether the long run has converged; the ratio of the
+real budget's median ℓ2 to each of the others, which should lie within 10 % of the long run's), it
+prints: forward+backward
 passes per image, images/s, success rate, median ℓ2 of the examples found, the worst ε error
 against the fine reference (searches only: same trial, so the same quantity), and
 AttackBench's optimality score over all of them (advalign.metrics.optimality; distances are
@@ -70,8 +71,9 @@ def main(argv=None) -> int:
     pgd = schema_defaults("pgd_l2")
     parser.add_argument("--verify", type=float, default=pgd["verify"],
                         help=f"the tree search's verify distance (default: the schema's, {pgd['verify']:g})")  # fmt: skip
-    parser.add_argument("--cw", default=",".join(CW_BUDGETS),
-                        help=f"comma-separated CW budgets of {', '.join(CW_BUDGETS)}; '' for none")  # fmt: skip
+    parser.add_argument("--cw", default=",".join(CW_DEFAULT),
+                        help=f"comma-separated CW budgets of {', '.join(CW_BUDGETS)} (default: "
+                             f"{','.join(CW_DEFAULT)}); '' for none")  # fmt: skip
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -179,7 +181,8 @@ def main(argv=None) -> int:
     numbers["epsilon"] = {name: [float(e) for e in result.epsilon] for name, (result, _, _) in results.items()
                           if name in searches}  # fmt: skip
     real_cw = numbers["rows"].get(CW_BUDGETS["real"])
-    for other, what in (("paper", "the paper budget's"), ("long", "its own schedule's at the paper's step counts")):
+    for other, what in (("paper", "the paper budget's"), ("long", "its own schedule's at the paper's step counts"),
+                        ("long3", "its own schedule's at 3x the paper's steps")):  # fmt: skip
         ref = numbers["rows"].get(CW_BUDGETS[other])
         if not (ref and real_cw and ref["median_l2"] and real_cw["median_l2"]):
             continue
@@ -200,7 +203,9 @@ def main(argv=None) -> int:
 # constant rate), at config/real.yaml's (the real-model run's, read from the file), and "long":
 # real.yaml's schedule (rate, annealing, warm starts) at the paper's 100 x 9, the converged reference
 # of the short budget.
-CW_BUDGETS = {"paper": "cw paper budget", "real": "cw real.yaml", "long": "cw real.yaml schedule, 100x9"}
+CW_BUDGETS = {"paper": "cw paper budget", "real": "cw real.yaml", "long": "cw real.yaml schedule, 100x9",
+              "long3": "cw real.yaml schedule, 300x9"}
+CW_DEFAULT = ("paper", "real", "long")  # long3 (2700 passes per image) only when asked for
 
 
 def cw_block(budget: str) -> dict:
@@ -212,6 +217,8 @@ def cw_block(budget: str) -> dict:
     real = load_config(REPO / "config" / "config.yaml", REPO / "config" / "real.yaml")["attacks"]["cw_l2"]
     if budget == "long":
         return {**real, "steps": paper["steps"], "search_steps": paper["search_steps"]}
+    if budget == "long3":  # is the long run itself converged?
+        return {**real, "steps": 3 * paper["steps"], "search_steps": paper["search_steps"]}
     return real
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -360,17 +361,17 @@ def test_cw_job_attacks_the_first_n_images_only(job_files):
     assert len(examples["image_ids"]) == 5
 
 
-def test_minimal_perturbations_reach_the_analytic_optimum_of_a_linear_classifier():
-    """For f(x) = Wx + b away from the [0, 1] box, the smallest perturbation that changes the
-    prediction is known: min over j ≠ y of (z_y − z_j) / ‖w_y − w_j‖ (ℓ2; the ℓ1 norm for ℓ∞)."""
+def _linear_problem(n: int, side: int, classes: int = 5):
+    """A seeded linear classifier f(x) = Wx on [3, side, side] inputs, n images it classifies, and
+    for each image its minimal perturbation's size under a dual norm: away from the [0, 1] box the
+    smallest change of prediction is known, min over j ≠ y of (z_y − z_j) / ‖w_y − w_j‖_dual."""
     torch.manual_seed(0)
-    n, classes = 10, 5
-    linear = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, classes))
+    linear = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * side * side, classes))
     with torch.no_grad():
         linear[1].weight.normal_(0, 1.0)
         linear[1].bias.zero_()
     fn = AttackedFunction(linear, "cpu")
-    x = 0.4 + 0.2 * torch.rand(n, 3, 4, 4)  # optima (~0.2 in ℓ2) stay far from the box
+    x = 0.4 + 0.2 * torch.rand(n, 3, side, side)  # optima stay far from the box
     y = fn.predict(x)
     weight, logits = linear[1].weight.double(), linear(x).double()
 
@@ -380,6 +381,12 @@ def test_minimal_perturbations_reach_the_analytic_optimum_of_a_linear_classifier
             for i in range(n)
         ])  # fmt: skip
 
+    return fn, x, y, optimum
+
+
+def test_minimal_perturbations_reach_the_analytic_optimum_of_a_linear_classifier():
+    """ℓ2 (the ℓ1 norm is the dual for ℓ∞) optima of ~0.2 on 48 inputs."""
+    fn, x, y, optimum = _linear_problem(10, 4)
     l2_opt, linf_opt = optimum(torch.linalg.vector_norm), optimum(lambda w: w.abs().sum())
     cw = carlini_wagner_l2(fn, x, y, CWConfig(steps=50, search_steps=6), batch_size=4)
     pgd = minimal_epsilon_search(fn, x, y, PGDConfig(norm="l2"))
@@ -411,6 +418,50 @@ def test_cw_short_schedule_options(fn, correct_images):
     with pytest.raises(PipelineError, match="lr_schedule must be constant or cosine"):
         CWConfig(lr_schedule="step")
     assert "cosine-annealed, warm-started across c" in CWConfig(lr_schedule="cosine", warm_start=True).describe()
+
+
+class _Recording(torch.nn.Module):
+    """The model, keeping every batch it is queried with."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.queries = model, []
+
+    def forward(self, x):
+        self.queries.append(x.detach().clone())
+        return self.model(x)
+
+
+def test_cw_warm_step_scales_a_warm_started_first_step_to_the_example():
+    """12k inputs: Adam's first step at lr 0.001 moves x by an l2 near 0.5 * 0.001 * sqrt(12288) =
+    0.055 whatever the example it starts from; with warm_step 0.5 the first step of each
+    warm-started value of c moves each example by half its l2 where that is less (dx/dw =
+    (1 - tanh^2 w) / 2 is 0.48-0.5 in this image range: at least 0.8 of it)."""
+    fn, x, y, _ = _linear_problem(16, 64)
+    steps, values_of_c, sign_step = 10, 4, 0.5 * 0.001 * math.sqrt(3 * 64 * 64)
+    for warm_step in (0.0, 0.5):
+        recording = _Recording(fn.model)
+        config = CWConfig(steps=steps, search_steps=values_of_c, lr=0.001, lr_schedule="cosine", warm_start=True,
+                          warm_step=warm_step)  # fmt: skip
+        result = carlini_wagner_l2(AttackedFunction(recording, "cpu"), x, y, config, batch_size=16)
+        assert result.success.all() and (fn.predict(x + result.perturbation) != y).all()
+        queries = torch.stack(recording.queries)
+        fooled = (fn.predict(queries.flatten(0, 1)).view(len(queries), -1) != y).cumsum(dim=0) > 0
+        for k in range(1, values_of_c):
+            found = fooled[k * steps - 1]  # warm-started at the k-th value of c
+            assert found.sum() >= 12
+            start, after_one_step = queries[k * steps][found], queries[k * steps + 1][found]
+            example = (start - x[found]).flatten(1).norm(dim=1)
+            move = (after_one_step - start).flatten(1).norm(dim=1)
+            if warm_step:
+                bound = torch.clamp(warm_step * example, max=sign_step)
+                assert ((move <= bound * (1 + 1e-3)) & (move >= 0.8 * bound)).all()
+            else:
+                assert ((move > 0.9 * sign_step) & (move <= sign_step * (1 + 1e-3))).all()
+        if warm_step:
+            assert example.min() < 0.5 * sign_step  # examples well below the unscaled step were refined
+    with pytest.raises(PipelineError, match="warm_step must be >= 0, and needs warm_start"):
+        CWConfig(warm_step=0.5)
 
 
 def test_cw_finds_small_fooling_perturbations(fn, correct_images):

@@ -271,7 +271,7 @@ def _normalised(text: str) -> str:
     return " ".join(text.split()).replace("−", "-")
 
 
-def test_the_numbers_of_the_results_doc_are_the_runs(demo_run):
+def test_the_numbers_of_the_results_doc_are_the_runs(demo_run, pgd_l2):
     """docs/results.md and the README quote the demo; each quoted number is recomputed from this
     run's files."""
     doc = _normalised((REPO / "docs" / "results.md").read_text())
@@ -282,3 +282,7 @@ def test_the_numbers_of_the_results_doc_are_the_runs(demo_run):
     validation = _claim(claims, "validation: rho(measured part reliance")["recomputed_value"]
     readme = _normalised((REPO / "README.md").read_text())
     assert f"Spearman ρ(part reliance, ℓ2-PGD alignment) = {validation:.2f}" in readme
+    human = pgd_l2["human_alignment"]
+    for name, model in (("ResNet", "resnet_demo"), ("ConvNeXt", "convnext_demo"), ("ViT", "vit_demo")):
+        row = " | ".join(f"{human[m]:.1f}" for m in (model, f"{model}_harmonized", f"{model}_control"))
+        assert _normalised(f"| {name} | {row} |") in readme, f"the README's human alignment of {name}"
