@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -74,7 +75,9 @@ def read_zoo_table(path: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise PipelineError(f"{path}: zoo table not found")
     try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, comment="#", index_col=False)
+        with warnings.catch_warnings():  # a row with extra fields is named by _check_field_counts below
+            warnings.simplefilter("ignore", pd.errors.ParserWarning)
+            table = pd.read_csv(path, dtype=str, keep_default_na=False, comment="#", index_col=False)
     except pd.errors.ParserError as exc:
         raise PipelineError(f"{path}: not a valid CSV ({str(exc).strip()})") from None
     _check_field_counts(path)
