@@ -149,3 +149,19 @@ def test_empty_maps_are_skipped(tmp_path):
     only_empty = write_shard(tmp_path / "val-1.tfrecords", [clickme_datum(4, 0, heatmap=empty)])
     with pytest.raises(PipelineError, match="only 0 ClickMe image.* with a non-empty map"):
         write_paper_stimuli([only_empty], {"classes": [4]}, seed=0, outputs=_outputs(tmp_path / "x"))
+
+
+def test_read_only_arrays_are_preprocessed_without_a_warning():
+    """Decoded JPEGs and cached stimulus files are read-only arrays: the ClickMe preprocessing and
+    the model's view copy them (a shared read-only array makes torch warn in every job's log)."""
+    import warnings
+
+    rng = np.random.default_rng(0)
+    image, heatmap = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8), rng.random((40, 50))
+    image.flags.writeable = heatmap.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x, m = clickme_preprocess(image, heatmap, image_size=32)
+        x.flags.writeable = m.flags.writeable = False
+        view, maps = model_view(x[None], m[None], {"input_size": [3, 24, 24], "crop_pct": 0.875})
+    assert x.shape == (32, 32, 3) and view.shape == (1, 3, 24, 24) and maps.shape == (1, 24, 24)

@@ -62,7 +62,7 @@ def predict(net, images: np.ndarray, batch_size: int = 250) -> np.ndarray:
     predictions = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
-        x = torch.from_numpy(np.ascontiguousarray(chunk)).permute(0, 3, 1, 2).float()
+        x = torch.tensor(np.asarray(chunk), dtype=torch.float32).permute(0, 3, 1, 2)  # a copy: may be read-only
         if chunk.dtype == np.uint8:
             x = x / 255.0
         if config:

@@ -41,8 +41,9 @@ def model_view(images: np.ndarray, maps: np.ndarray, data_config: dict) -> tuple
     size = tuple(data_config["input_size"][-2:])
     crop_pct = float(data_config.get("crop_pct", 1.0) or 1.0)
     interpolation = data_config.get("interpolation", "bilinear")
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
-    m = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32)).unsqueeze(1)
+    # Copies (torch.tensor): the arrays may be read-only, as a cached stimulus file's are.
+    x = torch.tensor(np.asarray(images), dtype=torch.float32).permute(0, 3, 1, 2).div_(255.0)
+    m = torch.tensor(np.asarray(maps), dtype=torch.float32).unsqueeze(1)
     x = resize_and_crop(x, size, crop_pct, interpolation).clamp_(0.0, 1.0)
     # Maps are resampled bilinearly whatever the image interpolation: they are smooth densities.
     m = resize_and_crop(m, size, crop_pct, "bilinear").squeeze(1)
