@@ -177,7 +177,7 @@ def attacked_images(real_run, zoo_rows):
         model, meta = attacked_model(real_run.path(f"results/weights_cache/{name}.pth"), zoo_rows[name])
         x, _ = model_view(stimuli["images"], stimuli["maps"], meta["data_config"])
         frame = _attack_table(real_run, "pgd_l2", name).set_index("image_id").loc[list(stimuli["ids"])]
-        keep = frame["attacked"].to_numpy()
+        keep = frame["attacked"].to_numpy(copy=True)  # pandas gives a read-only view; torch would warn
         out[name] = (AttackedFunction(model, "cpu"), x[keep], torch.as_tensor(stimuli["labels"][keep]),
                      list(np.asarray(stimuli["ids"])[keep]))  # fmt: skip
     return out
