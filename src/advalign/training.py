@@ -360,6 +360,7 @@ class Trainer:
         self.mixup_alpha = float(recipe["mixup_alpha"] or 0.0)
         self.workers = int(recipe["loader_workers"] or 0)
         self.checkpoint_every = int(recipe["checkpoint_every"] or 0)
+        self.memory_format = torch.channels_last if recipe["channels_last"] else torch.contiguous_format
         self.sampler = EpochSampler(len(source), int(recipe["batch_size"]), ctx.world_size, ctx.rank, seed)
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = self.epochs * self.steps_per_epoch
@@ -494,6 +495,7 @@ class Trainer:
 
     def _train_step(self, batch: Batch) -> None:
         batch = batch.to(self.ctx.device)
+        batch.pixels = batch.pixels.contiguous(memory_format=self.memory_format)
         if self.mixup_alpha > 0:
             batch = mixup(batch, self.mixup_alpha, self.seed, self.epoch, self.step, self.ctx.rank)
         self.lr = float(self.optimizer.param_groups[0]["lr"])
@@ -702,6 +704,8 @@ def _train(ctx, tj: TrainJob):
 
     model, config, train, heldout = _model_and_data(ctx, tj, row, kind, recipe)
     plain = NormalizedModel(model, config["mean"], config["std"], frozen=False).to(ctx.device)
+    if recipe["channels_last"]:
+        plain = plain.to(memory_format=torch.channels_last)
     if kind == "harmonized":
         _check_double_backward(plain, train, ctx.device, name)
     objective = _objective(kind, row, recipe)
