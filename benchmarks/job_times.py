@@ -13,7 +13,8 @@ a cluster job) counts those imports as work; in a job server's worker they are d
 Jobs whose log has no ``done in`` line (a rule without a script, or one run before the line
 existed) count as all work. Per rule it prints: jobs, total wall, mean wall, total start-up, total work and the
 start-up share; then the totals and the CPU model of this machine. Jobs run on a cluster have
-no wall time in Snakemake's records: they count with their work time alone.
+no wall time in Snakemake's records: they count with their work time alone. Last, the DAG's own
+wall time: from the first job's start to the last job's end (local jobs).
 """
 
 from __future__ import annotations
@@ -71,8 +72,15 @@ def jobs_of(workdir: Path) -> list[dict]:
             wall, remote = work, True
         else:
             remote = False
-        jobs.append({"rule": meta["rule"], "wall": wall, "work": work, "remote": remote})
+        jobs.append({"rule": meta["rule"], "wall": wall, "work": work, "remote": remote,
+                     "start": float(start), "end": float(end)})  # fmt: skip
     return jobs
+
+
+def dag_seconds(jobs: list[dict]) -> float | None:
+    """The run's wall time: the first local job's start to the last one's end (None: no local job)."""
+    local = [job for job in jobs if not job["remote"]]
+    return max(job["end"] for job in local) - min(job["start"] for job in local) if local else None
 
 
 def by_rule(jobs: list[dict]) -> dict[str, dict]:
@@ -113,10 +121,13 @@ def main(argv=None) -> int:
     print(f"{'all':<22} {total['jobs']:>5} {total['wall']:>9.1f} {total['wall'] / total['jobs']:>8.1f} "
           f"{total['startup']:>11.1f} {total['work']:>9.1f} {share:>9.0%}")  # fmt: skip
     print("job time is summed over jobs (jobs that ran in parallel overlap); start-up = wall - 'done in'")
+    dag = dag_seconds(jobs)
+    if dag is not None:
+        print(f"DAG: {dag:.1f} s from the first job's start to the last job's end")
     if total["untimed"]:
         print(f"{total['untimed']} cluster job(s) without a wall time in Snakemake's records: their work only")
     if args.json:
-        args.json.write_text(json.dumps({"cpu": cpu_model(), "rules": rules, "total": total}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"cpu": cpu_model(), "dag_seconds": dag, "rules": rules, "total": total}, indent=2) + "\n")
     return 0
 
 

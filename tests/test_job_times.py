@@ -39,3 +39,4 @@ def test_job_times_by_rule(tmp_path, capsys):
     assert main(["--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "attack" in out and "30%" in out  # 6 s of 20 s is start-up
+    assert "DAG: 110.0 s" in out  # the first job starts at 0, the last ends at 110
