@@ -110,7 +110,9 @@ def main(argv=None) -> int:
     print(f"whole zoo, weighted by training steps: contiguous {before:.1f} s, channels-last {after:.1f} s of steps, "
           f"ratio {after / before:.3f}")  # fmt: skip
     if args.json:
-        Path(args.json).write_text(json.dumps({"cpu": cpu_model(), "config": args.configfile, "image_size": side,
+        config_name = Path(args.configfile).resolve()
+        config_name = str(config_name.relative_to(REPO)) if config_name.is_relative_to(REPO) else args.configfile
+        Path(args.json).write_text(json.dumps({"cpu": cpu_model(), "config": config_name, "image_size": side,
                                                "steps": args.steps, "rounds": args.rounds, "models": rows,
                                                "zoo_seconds": {"contiguous": before, "channels_last": after}},
                                               indent=1) + "\n")  # fmt: skip
