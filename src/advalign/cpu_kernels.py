@@ -7,8 +7,8 @@ AVX-512 code paths that sum in a different order than their AVX2 paths. The diff
 the last bits of float32, but training amplifies it: on the embedded benchmark, resnet_demo
 reached 94.2 % held-out accuracy on an AVX-512 machine and 94.0 % on an AVX2 one from the same
 config (docs/methods.md §8). ``avx2`` (the default) caps all three at AVX2, which every x86-64
-machine of the last decade has, and costs 5-14 % of the demo's wall time on an AVX-512 machine;
-``native`` lets each library choose.
+machine of the last decade has; on an AVX-512 machine the demo took no longer with the cap (its
+DAG 327 s capped, 354 s native: docs/methods.md §8). ``native`` lets each library choose.
 
 The caps are environment variables read when a library loads, so :func:`pin` must run before
 torch is imported; the Snakefile calls it while planning, and every job (a child process, or a
