@@ -43,13 +43,14 @@ def main(argv=None) -> int:
 
     config, zoo, _ = planned_config([args.configfile], default=REPO / "config/config.yaml")
     if config["data"]["kind"] != "synthetic":
-        raise SystemExit(f"error: {args.configfile}: data.kind {config['data']['kind']!r}; this benchmark trains on the synthetic world")
+        raise SystemExit(f"error: {args.configfile}: data.kind {config['data']['kind']!r}; "
+                         "this benchmark trains on the synthetic world")
     if config["device"] == "cpu" and config["cpu_kernels"]:
         pin(config["cpu_kernels"])
 
     import torch
 
-    from advalign.data.training_sources import Batch
+    from advalign.data.training_sources import Batch, EpochSampler
     from advalign.models import NormalizedModel, build_model
     from advalign.training import _objective, make_optimizer
     from job_times import cpu_model
@@ -62,7 +63,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: --models: {', '.join(unknown)} not in the zoo of {args.configfile}")
     synthetic = config["data"]["synthetic"]
     side, classes = int(synthetic["image_size"]), int(synthetic["n_classes"])
-    steps_per_epoch = -(-classes * int(synthetic["train_per_class"]) // int(config["training"]["batch_size"]))
+    n_train = classes * int(synthetic["train_per_class"])
+    formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
     print(f"CPU: {cpu_model()}; kernels {config['cpu_kernels']}; one thread; {side} px, batch "
           f"{config['training']['batch_size']}; median of {args.rounds} rounds x {args.steps} steps")  # fmt: skip
@@ -78,19 +80,17 @@ def main(argv=None) -> int:
         batch = Batch(pixels, torch.randint(0, classes, (n,), generator=generator),
                       torch.rand(n, side, side, generator=generator), torch.ones(n, dtype=torch.bool))  # fmt: skip
         nets, optimizers = {}, {}
-        for fmt in ("contiguous", "channels_last"):
+        for fmt, memory in formats.items():
             torch.manual_seed(0)
-            net = NormalizedModel(build_model(row, classes, double_backward=kind == "harmonized"), [0.5] * 3, [0.25] * 3,
-                                  frozen=False)  # fmt: skip
-            if fmt == "channels_last":
-                net = net.to(memory_format=torch.channels_last)
+            network = build_model(row, classes, double_backward=kind == "harmonized")
+            net = NormalizedModel(network, [0.5] * 3, [0.25] * 3, frozen=False).to(memory_format=memory)
             nets[fmt], optimizers[fmt] = net.train(), make_optimizer(net.model, recipe)
         objective = _objective(kind, row, recipe)
-        times = {"contiguous": [], "channels_last": []}
+        times = {fmt: [] for fmt in formats}
         for _ in range(args.rounds):
             for fmt, net in nets.items():
-                memory = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
-                step = Batch(batch.pixels.contiguous(memory_format=memory), batch.labels, batch.maps, batch.has_map)
+                laid_out = batch.pixels.contiguous(memory_format=formats[fmt])
+                step = Batch(laid_out, batch.labels, batch.maps, batch.has_map)
                 for i in range(args.steps + 1):
                     if i == 1:  # the first step of a round warms caches and allocators
                         started = time.perf_counter()
@@ -100,9 +100,10 @@ def main(argv=None) -> int:
                     optimizers[fmt].step()
                 times[fmt].append(1000 * (time.perf_counter() - started) / args.steps)
         ms = {fmt: statistics.median(values) for fmt, values in times.items()}
-        total = int(recipe["epochs"]) * steps_per_epoch
+        total = int(recipe["epochs"]) * EpochSampler(n_train, n).steps_per_epoch  # as the train job counts them
         rows.append({"model": model, "kind": kind, "train_steps": total, "contiguous_ms": ms["contiguous"],
-                     "channels_last_ms": ms["channels_last"], "ratio": ms["channels_last"] / ms["contiguous"]})  # fmt: skip
+                     "channels_last_ms": ms["channels_last"],
+                     "ratio": ms["channels_last"] / ms["contiguous"]})  # fmt: skip
         print(f"{model:<28} {kind:<10} {total:>5} {ms['contiguous']:>13.1f} {ms['channels_last']:>16.1f} "
               f"{rows[-1]['ratio']:>6.2f}", flush=True)  # fmt: skip
     before = sum(r["train_steps"] * r["contiguous_ms"] for r in rows) / 1000

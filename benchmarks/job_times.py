@@ -127,7 +127,8 @@ def main(argv=None) -> int:
     if total["untimed"]:
         print(f"{total['untimed']} cluster job(s) without a wall time in Snakemake's records: their work only")
     if args.json:
-        args.json.write_text(json.dumps({"cpu": cpu_model(), "dag_seconds": dag, "rules": rules, "total": total}, indent=2) + "\n")
+        record = {"cpu": cpu_model(), "dag_seconds": dag, "rules": rules, "total": total}
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
     return 0
 
 
