@@ -29,6 +29,22 @@ def test_imports_are_followed_transitively_relative_lazy_and_through_packages(tm
     ]  # fmt: skip
 
 
+def test_an_edited_import_is_followed_although_each_file_is_walked_once(tmp_path):
+    """The import walk is cached per version of a file (a paper plan asks it ~20,000 times):
+    a second call walks nothing new, and an edit that adds an import is seen at once."""
+    from advalign.provenance import _imports_of
+
+    script, package = _tree(tmp_path)
+    package_modules(script, package)
+    walked = _imports_of.cache_info().misses
+    assert sorted(package_modules(script, package)) == [
+        "advalign", "advalign.data", "advalign.data.reader", "advalign.figures", "advalign.io",
+    ]  # fmt: skip
+    assert _imports_of.cache_info().misses == walked
+    (package / "io.py").write_text("from . import unused\n\ndef save():\n    return unused.X\n")
+    assert "advalign.unused" in package_modules(script, package)
+
+
 def test_code_edits_count_and_comments_docstrings_and_formatting_do_not(tmp_path):
     script, package = _tree(tmp_path)
     before = code_fingerprint(str(script), str(package))

@@ -51,6 +51,7 @@ class Plan:
         self.rows = {row["model"]: row for row in self.zoo.to_dict("records")}
         self.synthetic = self.config["data"]["kind"] == "synthetic"
         self._hand_placed: dict[str, list[str]] = {}
+        self._attack_code: dict[str, str] = {}  # attack -> fingerprint, one walk per attack per plan
 
     # -- models --------------------------------------------------------------------------
 
@@ -91,13 +92,16 @@ class Plan:
         """An attack job's fingerprint counts its own attack's module (and what it imports) and
         the job's own code, not the other attacks': editing cw.py reruns the CW jobs, editing
         search.py the PGD jobs, not the CW ones."""
-        from .attacks import get_attack
-        from .provenance import plugin_exclusions
+        if attack not in self._attack_code:
+            from .attacks import get_attack
+            from .provenance import plugin_exclusions
 
-        package = Path(self.basedir) / "src" / "advalign"
-        modules = {f"advalign.attacks.{p.stem}" for p in (package / "attacks").glob("*.py") if p.name != "__init__.py"}
-        exclude = plugin_exclusions(get_attack(attack).module, modules, package, shared=("advalign.attacks.job",))
-        return self.code_version("attack.py", exclude)
+            package = Path(self.basedir) / "src" / "advalign"
+            modules = {f"advalign.attacks.{p.stem}" for p in (package / "attacks").glob("*.py")
+                       if p.name != "__init__.py"}  # fmt: skip
+            exclude = plugin_exclusions(get_attack(attack).module, modules, package, shared=("advalign.attacks.job",))
+            self._attack_code[attack] = self.code_version("attack.py", exclude)
+        return self._attack_code[attack]
 
     # -- attacks -------------------------------------------------------------------------
 

@@ -84,6 +84,18 @@ def _parse(path: Path) -> tuple[str, ast.AST]:
     return _parsed(path.resolve(), stat.st_mtime_ns, stat.st_size)
 
 
+@lru_cache(maxsize=None)
+def _imports_of(path: Path, mtime_ns: int, size: int, module: str, is_package: bool) -> frozenset[str]:
+    return frozenset(_imported_modules(_parsed(path, mtime_ns, size)[1], module, is_package))
+
+
+def _file_imports(path: Path, module: str, is_package: bool) -> frozenset[str]:
+    """:func:`_imported_modules` of one file, walked once per version of the file: a paper plan
+    fingerprints ~900 attack jobs, each walking the same few dozen modules."""
+    stat = path.stat()
+    return _imports_of(path.resolve(), stat.st_mtime_ns, stat.st_size, module, is_package)
+
+
 def _discovers_submodules(tree: ast.AST) -> bool:
     """A package whose __init__ sets ``DISCOVERS_SUBMODULES = True`` imports every module in
     it at run time (a plugin registry, e.g. advalign.attacks): all of them are its code."""
@@ -96,7 +108,7 @@ def _discovers_submodules(tree: ast.AST) -> bool:
 def package_modules(script: Path, package_dir: Path, exclude: frozenset[str] = frozenset()) -> dict[str, Path]:
     """{module name: file} of every package module ``script`` imports, transitively, leaving out
     the modules in ``exclude`` (and what only they import)."""
-    pending = _imported_modules(_parse(Path(script))[1], "__script__", False)
+    pending = set(_file_imports(Path(script), "__script__", False))
     return _walk(pending, package_dir, frozenset(exclude) | NOT_JOB_CODE)
 
 
@@ -113,9 +125,8 @@ def _walk(pending: set[str], package_dir: Path, exclude: frozenset[str] = frozen
         if path is None:
             continue  # a name imported from a module, not a module
         modules[name] = path
-        tree = _parse(path)[1]
-        pending |= _imported_modules(tree, name, path.name == "__init__.py")
-        if path.name == "__init__.py" and _discovers_submodules(tree):
+        pending |= _file_imports(path, name, path.name == "__init__.py")
+        if path.name == "__init__.py" and _discovers_submodules(_parse(path)[1]):
             pending |= {f"{name}.{p.stem}" for p in path.parent.glob("*.py") if p.name != "__init__.py"}
         # Importing a.b.c runs the __init__ of a and a.b too.
         parent = name.rpartition(".")[0]
