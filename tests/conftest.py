@@ -81,6 +81,42 @@ def demo_run(tmp_path_factory) -> CompletedRun:
     return _complete_run(tmp_path_factory, "demo", None)
 
 
+def pytest_collection_modifyitems(config, items):
+    """`make test` runs the suite on every core (pytest-xdist, ``-n auto --dist loadgroup``): each
+    worker takes whole groups, and a group is one test file, or every file that shares the
+    session's tiny run, so no run, cluster or module fixture is made twice. The files that run
+    workflows (marked slow) go first, so the short ones fill in the end of the other worker."""
+    shared = {item.path for item in items if "tiny_run" in getattr(item, "fixturenames", ())}
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group("tiny_run" if item.path in shared else item.path.name))
+    items.sort(key=lambda item: item.path not in slow)  # stable: each file keeps its own order
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """A worker's lines for the CI log (``ci_log``, e.g. the SLURM jobs), printed when it ends:
+    a pytest-xdist worker's own output never reaches the terminal."""
+    lines = getattr(node, "workeroutput", {}).get("ci_log", [])
+    if lines:
+        reporter = node.config.pluginmanager.get_plugin("terminalreporter")
+        reporter.write_line("")
+        for line in lines:
+            reporter.write_line(line)
+
+
+def ci_log(config, lines: list[str]) -> None:
+    """Write lines straight into the CI log, past pytest's capture; under pytest-xdist, hand them
+    to the controller, which prints them when the worker ends (pytest_testnodedown)."""
+    if hasattr(config, "workeroutput"):
+        config.workeroutput.setdefault("ci_log", []).extend(lines)
+        return
+    capture = config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        for line in lines:
+            print(line, flush=True)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Run a test module on one torch thread, restoring the previous count afterwards."""

@@ -27,7 +27,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO, copy_repo
+from conftest import REPO, ci_log, copy_repo
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -43,11 +43,8 @@ GPU_RULES = {"train", "attack"}
 
 
 def say(request, text: str) -> None:
-    """Write straight to the terminal (and so to the CI log), past pytest's capture."""
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    with capture.global_and_fixture_disabled():
-        for line in text.rstrip().splitlines():
-            print(f"[slurm] {line}", flush=True)
+    """Write into the CI log, past pytest's capture (conftest.ci_log)."""
+    ci_log(request.config, [f"[slurm] {line}" for line in text.rstrip().splitlines()])
 
 
 def _ours_running() -> bool:
