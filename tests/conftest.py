@@ -81,16 +81,49 @@ def demo_run(tmp_path_factory) -> CompletedRun:
     return _complete_run(tmp_path_factory, "demo", None)
 
 
+# `make test` runs the suite on every core (pytest-xdist, `-n auto`). Each worker takes whole
+# groups: a group is one test file, or every file that shares the session's tiny run, so no run,
+# cluster or module fixture is made twice. pytest-xdist's own `--dist loadgroup` cannot say this
+# under pytest 9 (it renames a test's nodeid through an attribute pytest 9 no longer reads), so
+# the scheduler below groups by file name.
+TINY_RUN_FILES = frozenset({"test_bad_inputs.py", "test_cpu_kernels.py", "test_report.py", "test_rerun.py",
+                            "test_workflow.py"})  # fmt: skip
+# The groups that take minutes, longest first (the suite's --durations), start first, so that the
+# workers end together; every other file with a slow test follows, then the rest.
+LONGEST_FIRST = ("test_slurm.py", "test_demo.py", "tiny_run", "test_real_models.py", "test_keras_import.py")
+
+
+def _group_of(nodeid: str) -> str:
+    name = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+    return "tiny_run" if name in TINY_RUN_FILES else name
+
+
 def pytest_collection_modifyitems(config, items):
-    """`make test` runs the suite on every core (pytest-xdist, ``-n auto --dist loadgroup``): each
-    worker takes whole groups, and a group is one test file, or every file that shares the
-    session's tiny run, so no run, cluster or module fixture is made twice. The files that run
-    workflows (marked slow) go first, so the short ones fill in the end of the other worker."""
-    shared = {item.path for item in items if "tiny_run" in getattr(item, "fixturenames", ())}
-    slow = {item.path for item in items if item.get_closest_marker("slow")}
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group("tiny_run" if item.path in shared else item.path.name))
-    items.sort(key=lambda item: item.path not in slow)  # stable: each file keeps its own order
+    strays = sorted({item.path.name for item in items if "tiny_run" in getattr(item, "fixturenames", ())}
+                    - TINY_RUN_FILES)  # fmt: skip
+    if strays:
+        raise pytest.UsageError(f"{', '.join(strays)} use tiny_run: add them to TINY_RUN_FILES in tests/conftest.py")
+    slow = {_group_of(item.nodeid) for item in items if item.get_closest_marker("slow")}
+
+    def order(item):
+        group = _group_of(item.nodeid)
+        return LONGEST_FIRST.index(group) if group in LONGEST_FIRST else len(LONGEST_FIRST) + (group not in slow)
+
+    items.sort(key=order)  # stable: each file keeps its own order
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByGroup(LoadScopeScheduling):
+        """Whole groups (_group_of) to whichever worker is free, in the collection's order."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return _group_of(nodeid)
+
+    config.option.loadscopereorder = False  # keep LONGEST_FIRST's order, not the groups' sizes
+    return ByGroup(config, log)
 
 
 @pytest.hookimpl(optionalhook=True)
