@@ -98,11 +98,13 @@ def _group_of(nodeid: str) -> str:
     return "tiny_run" if name in TINY_RUN_FILES else name
 
 
+_STRAYS = pytest.StashKey[frozenset]()
+
+
 def pytest_collection_modifyitems(config, items):
-    strays = sorted({item.path.name for item in items if "tiny_run" in getattr(item, "fixturenames", ())}
-                    - TINY_RUN_FILES)  # fmt: skip
-    if strays:
-        raise pytest.UsageError(f"{', '.join(strays)} use tiny_run: add them to TINY_RUN_FILES in tests/conftest.py")
+    # A file using the tiny run outside TINY_RUN_FILES would make the run again in another worker.
+    config.stash[_STRAYS] = frozenset(item.path.name for item in items
+                                      if "tiny_run" in getattr(item, "fixturenames", ())) - TINY_RUN_FILES  # fmt: skip
     slow = {_group_of(item.nodeid) for item in items if item.get_closest_marker("slow")}
 
     def order(item):
@@ -110,6 +112,11 @@ def pytest_collection_modifyitems(config, items):
         return LONGEST_FIRST.index(group) if group in LONGEST_FIRST else len(LONGEST_FIRST) + (group not in slow)
 
     items.sort(key=order)  # stable: each file keeps its own order
+
+
+def pytest_runtest_setup(item):
+    if item.path.name in item.config.stash.get(_STRAYS, frozenset()):
+        pytest.fail(f"{item.path.name} uses tiny_run: add it to TINY_RUN_FILES in tests/conftest.py", pytrace=False)
 
 
 @pytest.hookimpl(optionalhook=True)
