@@ -15,9 +15,11 @@ if not SYNTHETIC:
 
     try:
         # An unknown architecture or pretrained tag is a planning error, not a job failure.
-        check_zoo_timm_names(
-            (ZOO_ROWS[m] for m in CACHED_MODELS), source=ZOO.attrs["source"]
-        )
+        # Checked on the host that plans, not again inside each cluster job (timm's import).
+        if not (workflow.remote_exec or workflow.subprocess_exec):
+            check_zoo_timm_names(
+                (ZOO_ROWS[m] for m in CACHED_MODELS), source=ZOO.attrs["source"]
+            )
         # A checkpoint (or rename table) that is not there: say so now, naming the row.
         CHECKPOINT_INPUTS = {
             m: checkpoint_inputs(ZOO_ROWS[m], WEIGHTS_CACHE) for m in IMPORTED_MODELS
