@@ -79,9 +79,14 @@ def _parsed(path: Path, mtime_ns: int, size: int) -> tuple[str, ast.AST]:
     return digest, tree
 
 
-def _parse(path: Path) -> tuple[str, ast.AST]:
+def _version(path: Path) -> tuple[Path, int, int]:
+    """(file, mtime, size): the key of everything cached per version of a file."""
     stat = path.stat()
-    return _parsed(path.resolve(), stat.st_mtime_ns, stat.st_size)
+    return path.resolve(), stat.st_mtime_ns, stat.st_size
+
+
+def _parse(path: Path) -> tuple[str, ast.AST]:
+    return _parsed(*_version(path))
 
 
 @lru_cache(maxsize=None)
@@ -92,8 +97,7 @@ def _imports_of(path: Path, mtime_ns: int, size: int, module: str, is_package: b
 def _file_imports(path: Path, module: str, is_package: bool) -> frozenset[str]:
     """:func:`_imported_modules` of one file, walked once per version of the file: a paper plan
     fingerprints ~900 attack jobs, each walking the same few dozen modules."""
-    stat = path.stat()
-    return _imports_of(path.resolve(), stat.st_mtime_ns, stat.st_size, module, is_package)
+    return _imports_of(*_version(path), module, is_package)
 
 
 def _discovers_submodules(tree: ast.AST) -> bool:

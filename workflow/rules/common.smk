@@ -19,6 +19,10 @@ from advalign.zoo import load_zoo
 from advalign.attacks import attack_names
 from advalign.figure_registry import figure_names
 
+# The host that plans the DAG, not a cluster job's (or a subprocess job's) own Snakemake: the
+# planning checks run here only (that job's plan was checked on the submit host).
+PLANNING_HOST = not (workflow.remote_exec or workflow.subprocess_exec)
+
 try:
     _validated = validate_config(config, source="config")
     config.clear()
@@ -28,11 +32,9 @@ try:
     ZOO = load_zoo(config)
     # A per-model override for a model that is not in the zoo would silently do nothing.
     check_overrides(config, ZOO)
-    # Planning checks, not repeated inside each cluster job (that job's plan was checked
-    # on the submit host; the build check alone costs ~6 s of timm import and builds).
-    if config["data"]["kind"] == "synthetic" and not (
-        workflow.remote_exec or workflow.subprocess_exec
-    ):
+    # Planning checks, on the PLANNING_HOST only (the build check alone costs ~6 s of timm
+    # import and builds).
+    if config["data"]["kind"] == "synthetic" and PLANNING_HOST:
         # Every model trained here builds (architecture, timm_kwargs), checked without training.
         check_models_build(
             ZOO.to_dict("records"),
@@ -40,7 +42,7 @@ try:
             cache=Path(".snakemake") / "advalign" / "architectures-built.txt",
             source=ZOO.attrs["source"],
         )
-    if not (workflow.remote_exec or workflow.subprocess_exec):
+    if PLANNING_HOST:
         # Stimuli already on disk with a NaN map (or the wrong shapes) stop here, before any job
         # would compute on them (advalign.stimulus_file); an unchanged file is read once.
         check_stimulus_file_cached(

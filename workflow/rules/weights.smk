@@ -15,8 +15,8 @@ if not SYNTHETIC:
 
     try:
         # An unknown architecture or pretrained tag is a planning error, not a job failure.
-        # Checked on the host that plans, not again inside each cluster job (timm's import).
-        if not (workflow.remote_exec or workflow.subprocess_exec):
+        # Checked on the PLANNING_HOST only, not again inside each cluster job (timm's import).
+        if PLANNING_HOST:
             check_zoo_timm_names(
                 (ZOO_ROWS[m] for m in CACHED_MODELS), source=ZOO.attrs["source"]
             )
