@@ -68,6 +68,29 @@ def test_the_config_layer_imports_no_torch():
     assert out.stdout.strip() == "False"
 
 
+def test_the_planning_layer_and_the_attack_registry_import_no_torch():
+    """What every snakemake call imports to plan (advalign.lazy): reading every attack's
+    declaration and planning its jobs needs no torch."""
+    code = ("import sys, advalign.attacks, advalign.planning, advalign.weights, advalign.cli\n"
+            "from advalign.attacks import attack_names, get_attack\n"
+            "[get_attack(name).config({}) for name in ('pgd_l2', 'cw_l2')]\n"
+            "print(len(attack_names()), sorted(m for m in ('torch', 'timm') if m in sys.modules))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.split(maxsplit=1)[1].strip() == "[]" and int(out.stdout.split()[0]) >= 4
+
+
+def test_a_lazy_module_is_imported_at_first_use_and_then_takes_its_place():
+    code = ("import sys, types\n"
+            "from advalign.lazy import lazy_module\n"
+            "owner = sys.modules['owner'] = types.ModuleType('owner')\n"
+            "owner.cs = lazy_module('colorsys', 'owner')\n"
+            "before = 'colorsys' in sys.modules\n"
+            "value = owner.cs.rgb_to_hsv(1.0, 0.0, 0.0)\n"
+            "print(before, value, owner.cs is sys.modules['colorsys'], lazy_module('colorsys', 'x') is owner.cs)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False (0.0, 1.0, 1.0) True True"
+
+
 def test_the_schema_ships_with_the_package():
     from advalign.schema import SCHEMA_PATH
 

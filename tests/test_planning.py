@@ -3,11 +3,15 @@ plans for the demo and the paper configs, without Snakemake."""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+
 import pytest
 
 from advalign.io import PipelineError
 from advalign.planning import Plan, planned_config
-from conftest import REPO
+from conftest import BIN, REPO, copy_repo, snakemake
 
 
 @pytest.fixture
@@ -84,3 +88,31 @@ def test_paper_and_real_configs_run_the_whole_standard_autoattack(monkeypatch, c
     assert block["components"] is None and block["square_queries"] == 5000 and block["version"] == "standard"
     assert block["eps"] == pytest.approx(eps) and block["n_images"] == n_images
     assert config["attention"]["enabled"]
+
+
+def _plan_imports(workdir, *args) -> set[str]:
+    """Which of torch and timm a `snakemake -n` imports in ``workdir`` (Python's own import log)."""
+    env = dict(os.environ, PYTHONPROFILEIMPORTTIME="1")
+    proc = subprocess.run([str(BIN / "snakemake"), "-n", "--quiet", *args], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return set(re.findall(r"^import time:.*\|\s+(torch|timm)$", proc.stderr, flags=re.M))
+
+
+def test_a_second_plan_imports_neither_torch_nor_timm(tmp_path):
+    """Every snakemake call plans (a cluster job's own too): the attack registry is read without
+    torch (advalign.lazy), and the checks that need torch or timm (the demo zoo builds, the paper
+    zoo's timm names exist) remember what passed, so only a first plan or a changed row pays for
+    their imports. A name that has not passed is still checked: a bad tag stops the plan."""
+    work = copy_repo(tmp_path / "repo")
+    assert _plan_imports(work) == {"torch", "timm"}  # the first plan builds the zoo's architectures
+    assert _plan_imports(work) == set()
+    paper = ["--configfile", "config/paper.yaml"]
+    assert _plan_imports(work, *paper) == {"torch", "timm"}  # checks the paper zoo's timm names
+    assert _plan_imports(work, *paper) == set()
+    zoo = work / "config" / "zoo_paper.csv"
+    zoo.write_text(zoo.read_text().replace("resnet50,resnet50.a1_in1k,", "resnet50,resnet50.a1_in1kk,"))
+    proc = snakemake(work, "-n", *paper, check=False)
+    assert proc.returncode != 0
+    assert re.search(r"zoo_paper\.csv: line 18: model 'resnet50': timm [\d.]+ has no pretrained weights "
+                     r"'resnet50\.a1_in1kk' \(tags: resnet50\.a1_in1k, ", proc.stdout + proc.stderr)  # fmt: skip

@@ -12,8 +12,7 @@ import sys
 from pathlib import Path
 
 from .io import PipelineError
-from .models import check_models_build
-from .planning import planned_config
+from .planning import check_models_build, planned_config
 
 
 # The Snakefile's configfile, in the workflow directory the command is run from (as Snakemake

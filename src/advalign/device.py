@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 
-import torch
-
 from .io import PipelineError
+from .lazy import lazy_module
+
+# torch at first use: planning imports this module without it (advalign.lazy).
+torch = lazy_module("torch", __name__)
 
 DEVICES = ("auto", "cpu", "cuda")
 

@@ -166,6 +166,27 @@ def read_json(path):
         raise PipelineError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
 
 
+def checked_keys(cache) -> set[str]:
+    """The keys a planning check recorded as passed in ``cache`` (none if there is no file).
+
+    A check that needs torch or timm (a zoo row's architecture builds, its timm name exists)
+    records the key of each row it passed: (what was checked, the library versions). The next
+    plan checks only the rows whose key is new, and imports nothing when there are none."""
+    cache = Path(cache) if cache is not None else None
+    return set(cache.read_text().split()) if cache is not None and cache.is_file() else set()
+
+
+def record_checked_keys(cache, keys) -> None:
+    """Add ``keys`` to ``cache``, atomically: two plans at once never read half a file."""
+    if cache is None:
+        return
+    cache = Path(cache)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache.with_name(f"{cache.name}.{os.getpid()}")
+    partial.write_text("\n".join(sorted(checked_keys(cache) | set(keys))) + "\n")
+    partial.replace(cache)
+
+
 PACKAGE_PREFIX = "package:"
 
 

@@ -14,9 +14,6 @@ mean/std normalisation inside (docs/methods.md §3), eval mode, parameters froze
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from pathlib import Path
 
 import torch
@@ -90,42 +87,6 @@ def build_model(row: dict, num_classes: int, double_backward: bool = False) -> n
     if double_backward:
         enable_double_backward(model)
     return model
-
-
-def _build_key(row: dict, num_classes: int) -> str:
-    from importlib.metadata import version
-
-    fields = [row["timm_name"], timm_kwargs(row), int(num_classes), version("timm"), version("torch")]
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def check_models_build(rows, num_classes: int, cache: str | Path | None = None, source: dict | None = None) -> None:
-    """Build every zoo row's architecture on the meta device (no memory, no weights): an unknown
-    timm name or bad timm_kwargs is then a one-line planning error, not a failed training job.
-
-    ``cache``: a file listing the (timm name, timm_kwargs, classes, timm and torch version) keys
-    that built before; those are not built again, so a second plan skips timm's ~5 s import.
-    ``source``: where each model is declared (``zoo.attrs["source"]``), named in the error.
-    """
-    cache = Path(cache) if cache is not None else None
-    known = set(cache.read_text().split()) if cache is not None and cache.is_file() else set()
-    todo = [(row, key) for row in rows if (key := _build_key(row, num_classes)) not in known]
-    if not todo:
-        return
-    import torch
-
-    for row, _ in todo:
-        try:
-            with torch.device("meta"):
-                build_model(row, num_classes)
-        except PipelineError as exc:
-            where = (source or {}).get(row["model"])
-            raise PipelineError(f"{where}: {exc}" if where else str(exc)) from None
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_name(f"{cache.name}.{os.getpid()}")
-        partial.write_text("\n".join(sorted(known | {key for _, key in todo})) + "\n")
-        partial.replace(cache)  # atomic: two plans at once never read half a file
 
 
 # ---------------------------------------------------------------------------

@@ -5,12 +5,14 @@ through a :class:`Plan` of a validated config and its zoo; tests call the same f
 directly, without Snakemake. Everything a job depends on goes into what this returns (a
 job's ``params``), so a change reruns exactly the jobs it touches.
 
-Nothing here imports Snakemake; torch is imported only where an attack's registry entry
-decides which models it attacks (``attack_models``).
+Nothing here imports Snakemake, torch or timm, except where a check needs them:
+``check_models_build`` builds the zoo rows it has not built before.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +20,8 @@ from pathlib import Path
 import pandas as pd
 
 from .config import check_overrides, load_config
-from .io import PipelineError
-from .zoo import derived_spec, load_zoo
+from .io import PipelineError, checked_keys, record_checked_keys
+from .zoo import derived_spec, load_zoo, timm_kwargs
 
 
 def planned_config(files, default: str | Path = "config/config.yaml") -> tuple[dict, pd.DataFrame, list[Path]]:
@@ -290,3 +292,37 @@ class Plan:
         if split == "train":
             return {"root": imagenet["train_dir"], "labels": None}
         return {"root": imagenet["val_dir"], "labels": imagenet["val_labels"]}
+
+
+def _build_key(row: dict, num_classes: int) -> str:
+    from importlib.metadata import version
+
+    fields = [row["timm_name"], timm_kwargs(row), int(num_classes), version("timm"), version("torch")]
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_models_build(rows, num_classes: int, cache: str | Path | None = None, source: dict | None = None) -> None:
+    """Build every zoo row's architecture on the meta device (no memory, no weights): an unknown
+    timm name or bad timm_kwargs is then a one-line planning error, not a failed training job.
+    torch and timm are imported only when a row is not in the cache: planning stays torch-free.
+
+    ``cache``: a file listing the (timm name, timm_kwargs, classes, timm and torch version) keys
+    that built before; those are not built again, so a second plan skips timm's ~5 s import.
+    ``source``: where each model is declared (``zoo.attrs["source"]``), named in the error.
+    """
+    known = checked_keys(cache)
+    todo = [(row, key) for row in rows if (key := _build_key(row, num_classes)) not in known]
+    if not todo:
+        return
+    import torch
+
+    from .models import build_model
+
+    for row, _ in todo:
+        try:
+            with torch.device("meta"):
+                build_model(row, num_classes)
+        except PipelineError as exc:
+            where = (source or {}).get(row["model"])
+            raise PipelineError(f"{where}: {exc}" if where else str(exc)) from None
+    record_checked_keys(cache, [key for _, key in todo])

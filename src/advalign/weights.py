@@ -11,12 +11,14 @@ for the zoo row's tagged ``timm_name``, saved with ``torch.save`` (atomically);
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from functools import lru_cache
 from pathlib import Path
 
-from .io import PipelineError, is_url, torch_load, torch_save
-from .models import timm_kwargs
+from .io import PipelineError, checked_keys, is_url, record_checked_keys, torch_load, torch_save
+from .zoo import timm_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +82,38 @@ def _current_architectures() -> frozenset[str]:
     return frozenset(timm.list_models())
 
 
-def check_zoo_timm_names(rows, source: dict | None = None) -> None:
+@lru_cache(maxsize=1)
+def _timm_names_version() -> str:
+    """What the answer of a timm name's check depends on besides the name: timm's version and
+    the architectures advalign.keras_archs registers (its source), read without importing timm."""
+    from importlib.metadata import version
+
+    return version("timm") + ":" + hashlib.sha256(Path(__file__).with_name("keras_archs.py").read_bytes()).hexdigest()
+
+
+def _timm_name_key(timm_name: str) -> str:
+    return hashlib.sha256(json.dumps([timm_name, _timm_names_version()]).encode()).hexdigest()[:16]
+
+
+def check_zoo_timm_names(rows, source: dict | None = None, cache: str | Path | None = None) -> None:
     """Check every (model, timm_name) pair; the first unknown one is the error, prefixed with
-    where the model is declared (``source``: ``zoo.attrs["source"]``)."""
+    where the model is declared (``source``: ``zoo.attrs["source"]``). ``cache``: the names
+    that passed before with this timm (advalign.io.checked_keys) are not checked again, so a
+    plan of an unchanged zoo does not import timm."""
+    known = checked_keys(cache)
+    passed = []
     for row in rows:
+        key = _timm_name_key(row["timm_name"])
+        if key in known:
+            continue
         try:
             check_timm_name(row["timm_name"], row["model"])
         except PipelineError as exc:
             where = (source or {}).get(row["model"])
+            record_checked_keys(cache, passed)
             raise PipelineError(f"{where}: {exc}" if where else str(exc)) from None
+        passed.append(key)
+    record_checked_keys(cache, passed)
 
 
 def fetch_pretrained_weights(row: dict, out_path: str | Path) -> Path:

@@ -10,11 +10,10 @@ import pandas as pd
 
 from advalign.config import check_overrides, validate_config
 from advalign.cpu_kernels import pin as pin_cpu_kernels
-from advalign.models import check_models_build
 from advalign.io import PipelineError
 from advalign.columns import CONFLICT_ARRAYS
 from advalign.stimulus_file import check_stimulus_file_cached
-from advalign.planning import Plan
+from advalign.planning import Plan, check_models_build
 from advalign.zoo import load_zoo
 from advalign.attacks import attack_names
 from advalign.figure_registry import figure_names

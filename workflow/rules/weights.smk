@@ -18,7 +18,9 @@ if not SYNTHETIC:
         # Checked on the PLANNING_HOST only, not again inside each cluster job (timm's import).
         if PLANNING_HOST:
             check_zoo_timm_names(
-                (ZOO_ROWS[m] for m in CACHED_MODELS), source=ZOO.attrs["source"]
+                (ZOO_ROWS[m] for m in CACHED_MODELS),
+                source=ZOO.attrs["source"],
+                cache=Path(".snakemake") / "advalign" / "timm-names-checked.txt",
             )
         # A checkpoint (or rename table) that is not there: say so now, naming the row.
         CHECKPOINT_INPUTS = {

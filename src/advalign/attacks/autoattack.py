@@ -30,13 +30,16 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from ..io import PipelineError
+from ..lazy import lazy_module
 from ..schema import schema_defaults
 from .function import AttackedFunction, batches
 from .registry import Attack, AttackResult, register_attack
+
+# torch at first use: planning imports this module without it (advalign.lazy).
+torch = lazy_module("torch", __name__)
 
 log = logging.getLogger(__name__)
 
@@ -92,24 +95,12 @@ class AutoAttackConfig:
                    square_queries=int(spec.get("square_queries", _DEFAULTS["square_queries"])))  # fmt: skip
 
 
-class _Logits(torch.nn.Module):
-    """The attacked function as the nn.Module torchattacks calls: [0, 1] images -> logits."""
-
-    def __init__(self, fn: AttackedFunction):
-        super().__init__()
-        self.net = fn.model  # torchattacks reads the device from the parameters
-        self._fn = fn
-
-    def forward(self, x):
-        return self._fn.logits(x)
-
-
 def library_autoattack(fn: AttackedFunction, config: AutoAttackConfig, n_classes: int, seed: int):
     """torchattacks' AutoAttack on ``fn`` (what the related paper's code calls)."""
     import torchattacks
 
     norm = {"linf": "Linf", "l2": "L2"}[config.norm]
-    return torchattacks.AutoAttack(_Logits(fn), norm=norm, eps=config.eps, version=config.version,
+    return torchattacks.AutoAttack(fn.as_module(), norm=norm, eps=config.eps, version=config.version,
                                    n_classes=min(10, n_classes), seed=seed)  # fmt: skip
 
 

@@ -19,14 +19,17 @@ import sys
 from dataclasses import dataclass, fields
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..lazy import lazy_module
 from ..schema import schema_defaults
 from ..io import PipelineError
 from .function import AttackedFunction, batches, per_image
 from .registry import Attack, AttackResult, register_attack
+
+# torch at first use: planning imports this module without it (advalign.lazy).
+torch = lazy_module("torch", __name__)
+F = lazy_module("torch.nn.functional", __name__)
 
 CW_NO_UPPER = 1e10  # "no successful c yet" in the CW binary search
 _DEFAULTS = schema_defaults("cw")

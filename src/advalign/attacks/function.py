@@ -9,13 +9,17 @@ every attack, so results never depend on where a batch boundary falls.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from ..device import cuda_fp32_mode
 from ..io import PipelineError
+from ..lazy import lazy_module
+
+# torch at first use: planning imports this module without it (advalign.lazy).
+torch = lazy_module("torch", __name__)
+F = lazy_module("torch.nn.functional", __name__)
 
 PRECISIONS = ("fp32", "bf16", "tf32")
 
@@ -86,6 +90,29 @@ class AttackedFunction:
             loss = F.cross_entropy(self.logits(x), y, reduction="sum")
             (grad,) = torch.autograd.grad(loss, x)
         return grad
+
+    def as_module(self) -> torch.nn.Module:
+        """This function as the nn.Module attack libraries call (torchattacks, adv_lib): [0, 1]
+        images -> logits, in eval mode. Its parameters are the model's: torchattacks reads the
+        device from them."""
+        return _logits_module()(self)
+
+
+@functools.cache
+def _logits_module() -> type:
+    # Defined at first use, as torch is imported (advalign.lazy): a module-level subclass of
+    # torch.nn.Module would import torch while planning.
+    class Logits(torch.nn.Module):
+        def __init__(self, fn: AttackedFunction):
+            super().__init__()
+            self.net = fn.model
+            self._fn = fn
+            self.eval()
+
+        def forward(self, x):
+            return self._fn.logits(x)
+
+    return Logits
 
 
 def batches(indices: np.ndarray, batch_size: int):

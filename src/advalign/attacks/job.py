@@ -14,19 +14,22 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from ..columns import ATTACK_COLUMNS, EXAMPLE_ARRAYS
 from ..cpu_kernels import active_kernels
 from ..device import resolve_device
 from ..io import PipelineError, require_file, save_npz, write_table
+from ..lazy import lazy_module
 from ..metrics import adversarial_alignment
 from ..stimulus_file import load_stimulus_file
 from ..transforms import model_view
 from .function import PRECISIONS, AttackedFunction, batches
 from .registry import attack_names, get_attack, image_key
 from .store import CHUNK_FORMAT, ChunkStore
+
+# torch at first use: planning imports this module without it (advalign.lazy).
+torch = lazy_module("torch", __name__)
 
 log = logging.getLogger(__name__)
 

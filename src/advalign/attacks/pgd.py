@@ -17,13 +17,16 @@ import hashlib
 from dataclasses import dataclass, fields
 
 import numpy as np
-import torch
 
 from ..io import PipelineError
+from ..lazy import lazy_module
 from ..schema import schema_defaults
 from .function import AttackedFunction, per_image
 from .registry import NORMS, Attack, AttackResult, register_attack
 from .search import SEARCH_KEYS, SearchConfig, minimal_epsilon
+
+# torch at first use: planning imports this module without it (advalign.lazy).
+torch = lazy_module("torch", __name__)
 
 # Added to ‖g‖₂ before dividing, as torchattacks does, so a zero gradient gives a zero step.
 GRAD_NORM_FLOOR = 1e-10

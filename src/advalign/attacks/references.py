@@ -29,23 +29,14 @@ import hashlib
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from ..io import PipelineError
+from ..lazy import lazy_module
 from .function import AttackedFunction, batches
 from .registry import Attack, AttackResult, register_attack
 
-
-class _Logits(torch.nn.Module):
-    """The attacked function as the nn.Module adv_lib expects (eval mode, logits out)."""
-
-    def __init__(self, fn: AttackedFunction):
-        super().__init__()
-        self.fn = fn
-        self.eval()
-
-    def forward(self, x):
-        return self.fn.logits(x)
+# torch at first use: planning imports this module without it (advalign.lazy).
+torch = lazy_module("torch", __name__)
 
 
 def adv_lib_attacks():
@@ -93,7 +84,7 @@ def _seed(keys: np.ndarray) -> int:
 
 def run_reference(fn: AttackedFunction, x, y, config: ReferenceConfig, *, batch_size, keys, progress=False):
     attacks = adv_lib_attacks()
-    model = _Logits(fn)
+    model = fn.as_module()
     n = len(x)
     keys = np.arange(n) if keys is None else np.asarray(keys)
     perturbation = torch.zeros(x.shape, dtype=torch.float32)

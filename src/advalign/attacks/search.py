@@ -53,14 +53,17 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..io import PipelineError
+from ..lazy import lazy_module
 from ..schema import schema_defaults
 from .function import AttackedFunction, batches, per_image
 from .registry import Attack, AttackResult
+
+# torch at first use: planning imports this module without it (advalign.lazy).
+torch = lazy_module("torch", __name__)
+F = lazy_module("torch.nn.functional", __name__)
 
 STOP_RULES = ("relative", "absolute")
 BRACKETS = ("auto", "full", "tree")
