@@ -28,8 +28,6 @@ class _LazyModule(types.ModuleType):
         self._lazy_owner = owner
 
     def __getattr__(self, attr: str):
-        if attr.startswith("__") and attr.endswith("__"):
-            raise AttributeError(attr)  # introspection (copy, pickle, doctest) imports nothing
         module = importlib.import_module(self.__name__)
         owner = sys.modules.get(self._lazy_owner)
         if owner is not None:
