@@ -12,7 +12,9 @@ instead of ``import torch``. The stand-in imports the module at the first attrib
 (``torch.zeros``) and then puts the real module in its place in the owner module's globals,
 so later reads in that module are ordinary global lookups, as with ``import torch``. Module
 level code of such a file must not touch it (class bases, decorators, default arguments):
-that would import it at once, which ``tests/test_planning.py`` checks does not happen.
+that would import it at once. ``tests/test_imports.py`` checks that the planning modules and
+the attack registry import no torch, ``tests/test_planning.py`` that a second plan imports
+neither torch nor timm.
 """
 
 from __future__ import annotations
