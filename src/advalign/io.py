@@ -166,25 +166,35 @@ def read_json(path):
         raise PipelineError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
 
 
-def checked_keys(cache) -> set[str]:
-    """The keys a planning check recorded as passed in ``cache`` (none if there is no file).
+def check_rows_once(rows, key, check, cache=None, source: dict | None = None) -> None:
+    """A planning check that needs torch or timm (a zoo row's architecture builds, its timm name
+    exists), run only on the rows it has not passed before.
 
-    A check that needs torch or timm (a zoo row's architecture builds, its timm name exists)
-    records the key of each row it passed: (what was checked, the library versions). The next
-    plan checks only the rows whose key is new, and imports nothing when there are none."""
+    ``check(row)`` raises PipelineError for a bad row; the first one is the error, prefixed with
+    where the row's model is declared (``source``: ``zoo.attrs["source"]``). ``key(row)`` is what
+    the answer depends on (the row's fields and the library versions): ``cache``, a file, keeps
+    the keys that passed, so the next plan checks only new or changed rows and imports nothing
+    when there are none. Written atomically, and only when a key is new."""
     cache = Path(cache) if cache is not None else None
-    return set(cache.read_text().split()) if cache is not None and cache.is_file() else set()
-
-
-def record_checked_keys(cache, keys) -> None:
-    """Add ``keys`` to ``cache``, atomically: two plans at once never read half a file."""
-    if cache is None:
-        return
-    cache = Path(cache)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    partial = cache.with_name(f"{cache.name}.{os.getpid()}")
-    partial.write_text("\n".join(sorted(checked_keys(cache) | set(keys))) + "\n")
-    partial.replace(cache)
+    known = set(cache.read_text().split()) if cache is not None and cache.is_file() else set()
+    passed = set()
+    try:
+        for row in rows:
+            row_key = key(row)
+            if row_key in known or row_key in passed:
+                continue
+            try:
+                check(row)
+            except PipelineError as exc:
+                where = (source or {}).get(row["model"])
+                raise PipelineError(f"{where}: {exc}" if where else str(exc)) from None
+            passed.add(row_key)
+    finally:
+        if cache is not None and passed:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            partial = cache.with_name(f"{cache.name}.{os.getpid()}")
+            partial.write_text("\n".join(sorted(known | passed)) + "\n")
+            partial.replace(cache)  # two plans at once never read half a file
 
 
 PACKAGE_PREFIX = "package:"

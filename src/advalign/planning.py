@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from .config import check_overrides, load_config
-from .io import PipelineError, checked_keys, record_checked_keys
+from .io import PipelineError, check_rows_once
 from .zoo import derived_spec, load_zoo, timm_kwargs
 
 
@@ -310,19 +310,14 @@ def check_models_build(rows, num_classes: int, cache: str | Path | None = None, 
     that built before; those are not built again, so a second plan skips timm's ~5 s import.
     ``source``: where each model is declared (``zoo.attrs["source"]``), named in the error.
     """
-    known = checked_keys(cache)
-    todo = [(row, key) for row in rows if (key := _build_key(row, num_classes)) not in known]
-    if not todo:
-        return
+    check_rows_once(rows, lambda row: _build_key(row, num_classes), lambda row: _build_on_meta(row, num_classes),
+                    cache, source)  # fmt: skip
+
+
+def _build_on_meta(row: dict, num_classes: int) -> None:
     import torch
 
     from .models import build_model
 
-    for row, _ in todo:
-        try:
-            with torch.device("meta"):
-                build_model(row, num_classes)
-        except PipelineError as exc:
-            where = (source or {}).get(row["model"])
-            raise PipelineError(f"{where}: {exc}" if where else str(exc)) from None
-    record_checked_keys(cache, [key for _, key in todo])
+    with torch.device("meta"):
+        build_model(row, num_classes)

@@ -17,7 +17,7 @@ import logging
 from functools import lru_cache
 from pathlib import Path
 
-from .io import PipelineError, checked_keys, is_url, record_checked_keys, torch_load, torch_save
+from .io import PipelineError, check_rows_once, is_url, torch_load, torch_save
 from .zoo import timm_kwargs
 
 log = logging.getLogger(__name__)
@@ -98,22 +98,10 @@ def _timm_name_key(timm_name: str) -> str:
 def check_zoo_timm_names(rows, source: dict | None = None, cache: str | Path | None = None) -> None:
     """Check every (model, timm_name) pair; the first unknown one is the error, prefixed with
     where the model is declared (``source``: ``zoo.attrs["source"]``). ``cache``: the names
-    that passed before with this timm (advalign.io.checked_keys) are not checked again, so a
+    that passed before with this timm (advalign.io.check_rows_once) are not checked again, so a
     plan of an unchanged zoo does not import timm."""
-    known = checked_keys(cache)
-    passed = []
-    for row in rows:
-        key = _timm_name_key(row["timm_name"])
-        if key in known:
-            continue
-        try:
-            check_timm_name(row["timm_name"], row["model"])
-        except PipelineError as exc:
-            where = (source or {}).get(row["model"])
-            record_checked_keys(cache, passed)
-            raise PipelineError(f"{where}: {exc}" if where else str(exc)) from None
-        passed.append(key)
-    record_checked_keys(cache, passed)
+    check_rows_once(rows, lambda row: _timm_name_key(row["timm_name"]),
+                    lambda row: check_timm_name(row["timm_name"], row["model"]), cache, source)  # fmt: skip
 
 
 def fetch_pretrained_weights(row: dict, out_path: str | Path) -> Path:

@@ -21,6 +21,9 @@ from advalign.figure_registry import figure_names
 # The host that plans the DAG, not a cluster job's (or a subprocess job's) own Snakemake: the
 # planning checks run here only (that job's plan was checked on the submit host).
 PLANNING_HOST = not (workflow.remote_exec or workflow.subprocess_exec)
+# What the workflow keeps between runs besides Snakemake's own: the planning checks' memory of
+# what passed, the job server's log.
+STATE_DIR = Path(".snakemake") / "advalign"
 
 try:
     _validated = validate_config(config, source="config")
@@ -38,20 +41,16 @@ try:
         check_models_build(
             ZOO.to_dict("records"),
             config["data"]["synthetic"]["n_classes"],
-            cache=Path(".snakemake") / "advalign" / "architectures-built.txt",
+            cache=STATE_DIR / "architectures-built.txt",
             source=ZOO.attrs["source"],
         )
     if PLANNING_HOST:
         # Stimuli already on disk with a NaN map (or the wrong shapes) stop here, before any job
         # would compute on them (advalign.stimulus_file); an unchanged file is read once.
-        check_stimulus_file_cached(
-            "results/data/stimuli.npz", Path(".snakemake") / "advalign"
-        )
+        check_stimulus_file_cached("results/data/stimuli.npz", STATE_DIR)
         if config["data"]["kind"] == "synthetic":
             check_stimulus_file_cached(
-                "results/data/conflict.npz",
-                Path(".snakemake") / "advalign",
-                CONFLICT_ARRAYS,
+                "results/data/conflict.npz", STATE_DIR, CONFLICT_ARRAYS
             )
 except PipelineError as exc:
     raise WorkflowError(str(exc)) from None
@@ -131,7 +130,7 @@ def start_job_server():
         return
     from advalign.jobserver import start
 
-    JOB_SERVER.append(start(Path(".snakemake") / "advalign" / "job-server.log"))
+    JOB_SERVER.append(start(STATE_DIR / "job-server.log"))
 
 
 def stop_job_server():

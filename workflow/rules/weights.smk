@@ -20,7 +20,7 @@ if not SYNTHETIC:
             check_zoo_timm_names(
                 (ZOO_ROWS[m] for m in CACHED_MODELS),
                 source=ZOO.attrs["source"],
-                cache=Path(".snakemake") / "advalign" / "timm-names-checked.txt",
+                cache=STATE_DIR / "timm-names-checked.txt",
             )
         # A checkpoint (or rename table) that is not there: say so now, naming the row.
         CHECKPOINT_INPUTS = {
